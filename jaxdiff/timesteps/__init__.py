@@ -1,0 +1,6 @@
+"""Time grids: hand-made spacings (grids.py) and diffusers' integer spacings."""
+from jaxdiff.timesteps.grids import (FINALS, GRIDS, check_grid, diffusers_indices, grid_from_indices, karras,
+                                     make_grid, time_quadratic, uniform_logsnr, uniform_t)
+
+__all__ = ["FINALS", "GRIDS", "check_grid", "diffusers_indices", "grid_from_indices", "karras", "make_grid",
+           "time_quadratic", "uniform_logsnr", "uniform_t"]
