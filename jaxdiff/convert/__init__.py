@@ -1,0 +1,15 @@
+"""Conversion between diffusers checkpoints (PyTorch layout) and jaxdiff NNX models."""
+from jaxdiff.convert.configs import (UnsupportedConfigError, autoencoder_config_from_diffusers,
+                                     autoencoder_config_to_diffusers, unet_config_from_diffusers,
+                                     unet_config_to_diffusers)
+from jaxdiff.convert.diffusers_io import (diffusers_config, load_autoencoder, load_autoencoder_kl,
+                                          load_diffusers, load_unet, load_vq_model, read_config,
+                                          read_state_dict, save_diffusers)
+from jaxdiff.convert.keys import CheckpointMismatchError, export_state_dict, load_state_dict
+
+__all__ = [
+    "CheckpointMismatchError", "UnsupportedConfigError", "autoencoder_config_from_diffusers",
+    "autoencoder_config_to_diffusers", "diffusers_config", "export_state_dict", "load_autoencoder",
+    "load_autoencoder_kl", "load_diffusers", "load_state_dict", "load_unet", "load_vq_model", "read_config",
+    "read_state_dict", "save_diffusers", "unet_config_from_diffusers", "unet_config_to_diffusers",
+]

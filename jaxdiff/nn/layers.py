@@ -1,0 +1,213 @@
+"""Primitive NNX layers in NHWC layout with logical-axis sharding metadata.
+
+Every layer keeps its parameters in ``param_dtype`` and computes in ``dtype``: inputs and
+parameters are cast on entry, so results keep ``dtype`` even when ``jax_enable_x64`` is on.
+Normalisation statistics are always taken in float32.
+
+Parameter names (``kernel``, ``bias``, ``scale``, ``embedding``) and kernel layouts
+(convolutions ``(kh, kw, in, out)``, dense ``(in, out)``) are what :mod:`jaxdiff.convert` maps
+to and from PyTorch's ``OIHW`` / ``(out, in)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
+
+
+def make_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], param_dtype, names) -> nnx.Param:
+    """Create an ``nnx.Param`` of ``shape`` carrying logical axis ``names`` (one per dimension).
+
+    ``rngs`` may be ``None`` for deterministic initialisers (zeros/ones).
+    """
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    value = init(key, tuple(shape), param_dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def _uniform_fan_in(fan_in: int):
+    """PyTorch's default init for conv/linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+
+    def init(key, shape, dtype):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+    return init
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+class Conv2d(nnx.Module):
+    """2-D convolution, NHWC. ``(B, H, W, in_ch) -> (B, H', W', out_ch)``.
+
+    ``padding`` is an int (symmetric) or ``((top, bottom), (left, right))``.
+    Kernel ``(k, k, in_ch, out_ch)`` with logical axes
+    ``("conv_height", "conv_width", "conv_in", "conv_out")``; bias ``(out_ch,)`` on ``("conv_out",)``.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, *, stride: int = 1,
+                 padding: int | tuple = None, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if padding is None:
+            padding = (kernel_size - 1) // 2
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        self.padding = tuple(tuple(p) for p in padding)
+        self.stride = stride
+        self.in_ch, self.out_ch = in_ch, out_ch
+        self.dtype = dtype
+        fan_in = in_ch * kernel_size * kernel_size
+        self.kernel = make_param(rngs, _uniform_fan_in(fan_in),
+                                 (kernel_size, kernel_size, in_ch, out_ch), param_dtype, CONV_AXES)
+        self.bias = (make_param(rngs, _uniform_fan_in(fan_in), (out_ch,), param_dtype, ("conv_out",))
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, H, W, in_ch)`` -> ``(B, H', W', out_ch)`` in ``dtype``."""
+        x = jnp.asarray(x, self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(self.dtype), (self.stride, self.stride), self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Dense(nnx.Module):
+    """Affine map on the last axis. ``(..., in_f) -> (..., out_f)``.
+
+    Kernel ``(in_f, out_f)`` with logical axes ``axes`` (default ``("embed", "mlp")``).
+    """
+
+    def __init__(self, in_f: int, out_f: int, *, use_bias: bool = True,
+                 axes: tuple[str, str] = ("embed", "mlp"), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.kernel = make_param(rngs, _uniform_fan_in(in_f), (in_f, out_f), param_dtype, axes)
+        self.bias = (make_param(rngs, _uniform_fan_in(in_f), (out_f,), param_dtype, (axes[1],))
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(..., in_f)`` -> ``(..., out_f)`` in ``dtype``."""
+        x = jnp.asarray(x, self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GroupNorm(nnx.Module):
+    """Group normalisation over channels-last input. ``(B, ..., C) -> (B, ..., C)``.
+
+    Statistics (biased variance, as in PyTorch) are computed in float32 over the spatial axes and the
+    ``C // num_groups`` channels of each group; affine ``scale``/``bias`` ``(C,)`` on ``("norm",)``.
+    """
+
+    def __init__(self, num_groups: int, channels: int, *, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if channels % num_groups:
+            raise ValueError(f"GroupNorm: channels={channels} not divisible by num_groups={num_groups}")
+        self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+        self.scale = make_param(None, _ones, (channels,), param_dtype, ("norm",))
+        self.bias = make_param(None, _zeros, (channels,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, ..., C)`` -> normalised ``(B, ..., C)`` in ``dtype``."""
+        shape = x.shape
+        g = self.num_groups
+        xf = jnp.asarray(x, jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+        mean = xf.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation over the last axis, statistics in float32. ``(..., C) -> (..., C)``."""
+
+    def __init__(self, channels: int, *, eps: float = 1e-5, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.dtype = eps, dtype
+        self.scale = make_param(None, _ones, (channels,), param_dtype, ("norm",))
+        self.bias = make_param(None, _zeros, (channels,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(..., C)`` -> ``(..., C)`` in ``dtype``."""
+        xf = jnp.asarray(x, jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Lookup table. Integer ids ``(B,)`` -> ``(B, features)``; table ``(num, features)`` on ``("vocab", "embed")``."""
+
+    def __init__(self, num: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = make_param(
+            rngs, lambda k, s, d: jax.random.normal(k, s, jnp.float32).astype(d), (num, features),
+            param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """``ids``: integer ``(...)`` -> ``(..., features)`` in ``dtype``."""
+        return jnp.take(self.embedding[...], jnp.asarray(ids, jnp.int32), axis=0).astype(self.dtype)
+
+
+class Downsample2D(nnx.Module):
+    """Halve H and W. ``(B, H, W, C) -> (B, H/2, W/2, C)``.
+
+    ``use_conv``: learned 3x3 stride-2 convolution (``padding=1`` symmetric, ``padding=0``
+    pads only bottom/right by one, as in LDM/diffusers); otherwise 2x2 average pooling.
+    """
+
+    def __init__(self, channels: int, *, use_conv: bool = True, padding: int = 1, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        pad = ((0, 1), (0, 1)) if padding == 0 else padding
+        self.conv = (Conv2d(channels, channels, 3, stride=2, padding=pad, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs) if use_conv else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, H, W, C)`` -> ``(B, H/2, W/2, C)``."""
+        if self.conv is not None:
+            return self.conv(x)
+        b, h, w, c = x.shape
+        x = jnp.asarray(x, self.dtype)
+        return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+class Upsample2D(nnx.Module):
+    """Double H and W by nearest-neighbour repetition, then an optional 3x3 convolution.
+
+    ``(B, H, W, C) -> (B, 2H, 2W, C)``.
+    """
+
+    def __init__(self, channels: int, *, use_conv: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.conv = (Conv2d(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     if use_conv else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: ``(B, H, W, C)`` -> ``(B, 2H, 2W, C)``."""
+        b, h, w, c = x.shape
+        x = jnp.asarray(x, self.dtype)
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return self.conv(x) if self.conv is not None else x
