@@ -1,0 +1,374 @@
+"""Exact ground truth for a Gaussian-mixture data distribution under any noise process.
+
+For data x0 ~ sum_k w_k N(mu_k, diag(v_k)) and the marginal q(x_t | x0) = N(alpha x0, sigma^2 I) of a
+process in `jaxdiff.noise`, every quantity a diffusion model learns is available in closed form:
+
+* per component, x_t | k ~ N(alpha mu_k, diag(s_k^2)) with s_k^2 = alpha^2 v_k + sigma^2;
+* responsibilities r_k(x_t) = softmax_k(log w_k + log N(x_t; alpha mu_k, s_k^2)) (log-sum-exp);
+* posterior mean (Tweedie) E[x0 | x_t] = sum_k r_k (mu_k + alpha v_k (x_t - alpha mu_k) / s_k^2);
+* score grad log p_t(x_t) = -sum_k r_k (x_t - alpha mu_k) / s_k^2, and eps = -sigma * score.
+
+None of these divide by alpha or sigma, so they are finite at sigma = 0 (t = `process.t_zero`, where
+E[x0 | x] = x / alpha and eps = 0) and at alpha = 0 (pure noise).
+
+`GaussianMixture.reference_ode_solution` integrates the probability-flow ODE in the half-logSNR
+lambda = logsnr / 2 and the variable w = x / sqrt(alpha^2 + sigma^2) (the state of the equivalent
+variance-preserving process). In those variables
+
+    dw/dlambda = alpha_vp sigma_vp^2 sum_k r_k (alpha_vp (v_k - 1) w + mu_k) / s_k^2,
+    alpha_vp^2 = sigmoid(2 lambda), sigma_vp^2 = sigmoid(-2 lambda), s_k^2 = alpha_vp^2 v_k + sigma_vp^2,
+
+whose right-hand side is bounded and decays like exp(-2|lambda|) at both ends, so the ODE is smooth
+over the whole real lambda line and an endpoint at sigma = 0 (lambda = +inf) or at alpha = 0
+(lambda = -inf) is reached by truncating lambda where the remaining change is below 1e-17.
+The integrator is classic RK4 on a grid uniform in u = asinh(lambda): steps in lambda are ~uniform
+for |lambda| < 1 and grow geometrically in the tails, where the right-hand side vanishes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.noise import NoiseProcess, broadcast_to_batch, check_time
+
+Array = jax.Array
+
+__all__ = ["GaussianMixture", "DENOISER_KINDS"]
+
+DENOISER_KINDS = ("eps", "x0", "v", "score", "flow")
+
+_LOG_2PI = math.log(2 * math.pi)
+_WARP = 1.0   # lambda = _WARP * sinh(u / _WARP): the RK4 grid is uniform in u
+
+
+def _is_concrete_leaf(a) -> bool:
+    return not isinstance(a, jax.core.Tracer) and isinstance(a, (np.ndarray, jax.Array, list, tuple, float, int))
+
+
+def _validate(weights, means, variances) -> None:
+    w = np.asarray(weights, np.float64)
+    m = np.asarray(means, np.float64)
+    v = np.asarray(variances, np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights must have shape (K,) with K >= 1, got shape {w.shape}")
+    k = w.shape[0]
+    if m.ndim != 2 or m.shape[0] != k:
+        raise ValueError(f"means must have shape (K, D) = ({k}, D) to match weights of shape {w.shape}, "
+                         f"got shape {m.shape}")
+    if v.shape != m.shape:
+        raise ValueError(f"variances must have the shape of means {m.shape} (diagonal variances, (K, D)), "
+                         f"got shape {v.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite and non-negative, got {w}")
+    if abs(w.sum() - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1, they sum to {w.sum()!r}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError("means must be finite")
+    if not np.all(np.isfinite(v)) or np.any(v <= 0):
+        raise ValueError(f"variances must be finite and strictly positive, got minimum {v.min()!r}")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "means", "variances"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class GaussianMixture:
+    """Diagonal Gaussian mixture p(x0) = sum_k weights[k] N(x0; means[k], diag(variances[k])).
+
+    A frozen dataclass registered as a pytree (all three fields are leaves), so it can be passed
+    through `jit`/`vmap`. Concrete inputs are validated on construction: ValueError for mismatched
+    shapes, negative (or zero) variances, or weights that do not sum to 1.
+
+    Attributes:
+      weights: (K,) mixture weights, non-negative, summing to 1.
+      means: (K, D) component means.
+      variances: (K, D) per-dimension component variances, > 0.
+    """
+
+    weights: Array
+    means: Array
+    variances: Array
+
+    def __post_init__(self):
+        leaves = (self.weights, self.means, self.variances)
+        if all(_is_concrete_leaf(a) for a in leaves):
+            _validate(*leaves)
+            dtype = jnp.result_type(float)
+            for name, a in zip(("weights", "means", "variances"), leaves):
+                if not isinstance(a, (np.ndarray, jax.Array)):
+                    object.__setattr__(self, name, jnp.asarray(a, dtype))
+
+    # -- constructors -------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, key: Array, num_components: int, dim: int, *, separation: float = 6.0,
+               std_range: tuple[float, float] = (0.1, 0.3), mean_scale: float = 1.0,
+               dirichlet_concentration: float = 5.0) -> "GaussianMixture":
+        """A random, well-separated mixture of `num_components` components in `dim` dimensions.
+
+        Means ~ N(0, mean_scale^2 I), then scaled up (if needed) so that every pair of means is at least
+        `separation` times the largest component standard deviation apart. Per-dimension standard
+        deviations are log-uniform in `std_range`; weights ~ Dirichlet(dirichlet_concentration).
+        Built on the host (not traceable); float64 when x64 is enabled.
+        """
+        if num_components < 1 or dim < 1:
+            raise ValueError(f"num_components and dim must be >= 1, got {num_components}, {dim}")
+        lo, hi = std_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"std_range must satisfy 0 < low <= high, got {std_range}")
+        km, ks, kw = jax.random.split(key, 3)
+        means = mean_scale * np.asarray(jax.random.normal(km, (num_components, dim), jnp.float32), np.float64)
+        u = np.asarray(jax.random.uniform(ks, (num_components, dim), jnp.float32), np.float64)
+        std = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
+        if num_components > 1:
+            d = np.linalg.norm(means[:, None] - means[None], axis=-1)
+            d_min = d[~np.eye(num_components, dtype=bool)].min()
+            need = separation * std.max()
+            if d_min < need:
+                means = means * (need / max(d_min, 1e-12))
+        w = np.asarray(jax.random.dirichlet(kw, jnp.full((num_components,), dirichlet_concentration, jnp.float32)),
+                       np.float64)
+        w = w / w.sum()
+        dtype = jnp.result_type(float)
+        return cls(jnp.asarray(w, dtype), jnp.asarray(means, dtype), jnp.asarray(std ** 2, dtype))
+
+    @classmethod
+    def toy_2d(cls) -> "GaussianMixture":
+        """A fixed 2-D mixture for plots: 8 anisotropic components on a ring of radius 2 (unequal
+        weights, alternating elongation) plus a broad central component."""
+        angles = np.arange(8) * (2 * np.pi / 8)
+        means = np.concatenate([2.0 * np.stack([np.cos(angles), np.sin(angles)], -1), np.zeros((1, 2))])
+        stds = np.array([[0.08, 0.2], [0.2, 0.08]] * 4 + [[0.3, 0.3]])
+        w = np.array([2.0, 1.0] * 4 + [2.0])
+        dtype = jnp.result_type(float)
+        return cls(jnp.asarray(w / w.sum(), dtype), jnp.asarray(means, dtype), jnp.asarray(stds ** 2, dtype))
+
+    # -- data distribution --------------------------------------------------------------------------
+    @property
+    def num_components(self) -> int:
+        """K."""
+        return self.weights.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D."""
+        return self.means.shape[1]
+
+    def mean(self) -> Array:
+        """Mean of the mixture, (D,)."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Array:
+        """Covariance of the mixture, (D, D): sum_k w_k (diag(v_k) + mu_k mu_k^T) - m m^T."""
+        m = self.mean()
+        second = jnp.einsum("k,kd,ke->de", self.weights, self.means, self.means)
+        return jnp.diag(self.weights @ self.variances) + second - jnp.outer(m, m)
+
+    def sample(self, key: Array, n: int) -> Array:
+        """n exact samples of the data distribution, (n, D)."""
+        kc, kz = jax.random.split(key)
+        comp = jax.random.categorical(kc, jnp.log(self.weights), shape=(n,))
+        z = jax.random.normal(kz, (n, self.dim), self.means.dtype)
+        return self.means[comp] + jnp.sqrt(self.variances[comp]) * z
+
+    def log_prob(self, x0: Array) -> Array:
+        """Exact data log-density log p(x0); x0 (n, D) (or (n, ...) with D elements) -> (n,)."""
+        x = self._flat(x0)
+        return jax.nn.logsumexp(self._logits(x, 1.0, 0.0), axis=-1)
+
+    # -- marginals of a noise process ---------------------------------------------------------------
+    def marginal_log_prob(self, x: Array, t: Array, process: NoiseProcess) -> Array:
+        """log p_t(x) of the noised marginal; x (B, D) or (B, ...), t scalar or (B,) -> (B,)."""
+        xf, a, s = self._prepare(x, t, process)
+        return jax.nn.logsumexp(self._logits(xf, a, s), axis=-1)
+
+    def score(self, x: Array, t: Array, process: NoiseProcess) -> Array:
+        """Exact score grad_x log p_t(x); x (B, D) or (B, ...), t scalar or (B,) -> x's shape."""
+        xf, a, s = self._prepare(x, t, process)
+        r, diff, s2 = self._posterior(xf, a, s)
+        return self._unflat(-jnp.einsum("bk,bkd->bd", r, diff / s2), x)
+
+    def x0_prediction(self, x: Array, t: Array, process: NoiseProcess) -> Array:
+        """Posterior mean E[x0 | x_t = x]; x (B, D) or (B, ...), t scalar or (B,) -> x's shape.
+
+        At sigma = 0 this is x / alpha exactly; at alpha = 0 it is the data mean.
+        """
+        xf, a, s = self._prepare(x, t, process)
+        r, diff, s2 = self._posterior(xf, a, s)
+        comp = self.means + a * self.variances * diff / s2
+        return self._unflat(jnp.einsum("bk,bkd->bd", r, comp), x)
+
+    def eps_prediction(self, x: Array, t: Array, process: NoiseProcess) -> Array:
+        """E[eps | x_t = x] = -sigma * score (0 at sigma = 0); x (B, D) or (B, ...), t scalar or (B,)."""
+        xf, a, s = self._prepare(x, t, process)
+        r, diff, s2 = self._posterior(xf, a, s)
+        return self._unflat(jnp.einsum("bk,bkd->bd", r, s * diff / s2), x)
+
+    def prediction(self, x: Array, t: Array, process: NoiseProcess, kind: str = "eps") -> Array:
+        """The exact optimal prediction of `kind` (one of DENOISER_KINDS) at (x, t) -> x's shape.
+
+        eps and x0 as above; v = alpha eps - sigma x0; score exact; flow = alpha'(t) x0 + sigma'(t) eps
+        (the flow-matching velocity, derivatives by forward-mode autodiff of the process).
+        """
+        _check_kind(kind)
+        if kind == "score":
+            return self.score(x, t, process)
+        xf, a, s = self._prepare(x, t, process)
+        r, diff, s2 = self._posterior(xf, a, s)
+        x0 = jnp.einsum("bk,bkd->bd", r, self.means + a * self.variances * diff / s2)
+        eps = jnp.einsum("bk,bkd->bd", r, s * diff / s2)
+        if kind == "x0":
+            out = x0
+        elif kind == "eps":
+            out = eps
+        elif kind == "v":
+            out = a[:, :, 0] * eps - s[:, :, 0] * x0
+        else:  # flow
+            tt = jnp.broadcast_to(jnp.asarray(t, xf.dtype), (xf.shape[0],))
+            _, da = jax.jvp(process.alpha, (tt,), (jnp.ones_like(tt),))
+            _, ds = jax.jvp(process.sigma, (tt,), (jnp.ones_like(tt),))
+            out = da[:, None] * x0 + ds[:, None] * eps
+        return self._unflat(out, x)
+
+    def denoiser(self, process: NoiseProcess, kind: str = "eps") -> Callable[[Array, Array], Array]:
+        """A pure `f(x, t) -> prediction` of `kind` for `process`: the interface solvers consume.
+
+        x (B, D) or (B, ...) with D elements per example, t scalar or (B,); returns x's shape and dtype.
+        Raises ValueError at once for an unknown kind.
+        """
+        _check_kind(kind)
+
+        def f(x, t):
+            return self.prediction(x, t, process, kind)
+
+        return f
+
+    # -- probability-flow ODE -----------------------------------------------------------------------
+    def reference_ode_solution(self, process: NoiseProcess, x_T: Array, t_start, t_end, *,
+                               num_steps: int = 4096) -> Array:
+        """High-accuracy probability-flow ODE solution from x_T at t_start to t_end (either direction).
+
+        x_T (B, D) or (B, ...); t_start, t_end scalars (may be traced). Ends where sigma = 0
+        (t = process.t_zero) or alpha = 0 are supported (lambda is truncated where the remaining change
+        of the state is below ~1e-17). Classic RK4 with `num_steps` steps uniform in asinh(lambda) on
+        w = x / sqrt(alpha^2 + sigma^2) (see the module docstring), compiled with lax.scan.
+        Accuracy (tests/test_analytic.py): doubling num_steps from the default 4096 changes the result
+        by < 1e-9 relative (measured ~1e-12) in float64 for a 16-D mixture on VP-linear and EDM, from
+        t_max to t_min and to t_zero; the error is 4th order in the step (x16 per halving).
+        Returns x at t_end, x_T's shape.
+        """
+        check_time(process, t_start)
+        check_time(process, t_end)
+        xf = self._flat(x_T)
+        dtype = jnp.result_type(xf.dtype, self.means.dtype)
+        lam_s, norm_s = _lambda_and_norm(process, t_start, dtype)
+        lam_e, norm_e = _lambda_and_norm(process, t_end, dtype)
+        lo, hi = self._lambda_bounds()
+        lam_s, lam_e = jnp.clip(lam_s, lo, hi), jnp.clip(lam_e, lo, hi)
+        w = _integrate_pf_ode(self, xf.astype(dtype) / norm_s, lam_s, lam_e, num_steps)
+        return self._unflat(w * norm_e, x_T)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _lambda_bounds(self):
+        """Truncation of lambda: beyond these the remaining PF-ODE change is below ~e^-40 (relative)."""
+        v_min = jnp.min(self.variances)
+        scale = jnp.max(jnp.abs(self.means)) + jnp.sqrt(jnp.max(self.variances)) + 1.0
+        hi = 0.5 * jnp.log(jnp.maximum(1.0, 1.0 / v_min)) + 20.0
+        lo = -jnp.log(scale) - 40.0
+        return lo, hi
+
+    def _flat(self, x: Array) -> Array:
+        x = jnp.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"x must have a batch dimension, got shape {x.shape}")
+        xf = x.reshape(x.shape[0], -1)
+        if xf.shape[1] != self.dim:
+            raise ValueError(f"x of shape {x.shape} has {xf.shape[1]} elements per example; "
+                             f"the mixture has dimension {self.dim}")
+        return xf
+
+    @staticmethod
+    def _unflat(out: Array, x: Array) -> Array:
+        x = jnp.asarray(x)
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
+        return out.reshape(x.shape).astype(dtype)
+
+    def _prepare(self, x, t, process):
+        """Flatten x to (B, D) in the compute dtype; alpha, sigma as (B, 1, 1) (or scalars)."""
+        check_time(process, t)
+        xf = self._flat(x)
+        dtype = jnp.result_type(xf.dtype, self.means.dtype)
+        xf = xf.astype(dtype)
+        t = jnp.asarray(t, dtype)
+        tb = broadcast_to_batch(t, xf)                    # () or (B, 1)
+        tb = jnp.broadcast_to(tb, (xf.shape[0], 1))[:, :, None]   # (B, 1, 1)
+        return xf, process.alpha(tb).astype(dtype), process.sigma(tb).astype(dtype)
+
+    def _logits(self, xf, a, s):
+        """log w_k + log N(x; a mu_k, a^2 v_k + s^2), (B, K)."""
+        s2 = a ** 2 * self.variances + s ** 2
+        diff = xf[:, None, :] - a * self.means
+        ll = -0.5 * jnp.sum(diff ** 2 / s2 + jnp.log(s2) + _LOG_2PI, axis=-1)
+        return jnp.log(self.weights) + ll
+
+    def _posterior(self, xf, a, s):
+        """Responsibilities r (B, K), residuals x - a mu_k (B, K, D) and variances s_k^2 (B, K, D)."""
+        s2 = a ** 2 * self.variances + s ** 2
+        diff = xf[:, None, :] - a * self.means
+        logits = jnp.log(self.weights) - 0.5 * jnp.sum(diff ** 2 / s2 + jnp.log(s2), axis=-1)
+        return jax.nn.softmax(logits, axis=-1), diff, s2
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in DENOISER_KINDS:
+        raise ValueError(f"unknown prediction kind {kind!r}; choose one of {list(DENOISER_KINDS)}")
+
+
+def _lambda_and_norm(process: NoiseProcess, t, dtype):
+    """Half-logSNR lambda(t) (+-inf at sigma = 0 / alpha = 0) and sqrt(alpha^2 + sigma^2) at scalar t."""
+    t = jnp.asarray(t, dtype)
+    la, ls = process.log_alpha(t).astype(dtype), process.log_sigma(t).astype(dtype)
+    return la - ls, jnp.exp(0.5 * jnp.logaddexp(2 * la, 2 * ls))
+
+
+def _pf_rhs(mix: GaussianMixture, w: Array, lam: Array) -> Array:
+    """dw/dlambda of the PF-ODE in the VP-normalised state w (B, D) at half-logSNR lam (scalar)."""
+    a = jnp.exp(-0.5 * jax.nn.softplus(-2 * lam))       # alpha_vp
+    s2 = jax.nn.sigmoid(-2 * lam)                       # sigma_vp^2
+    var = a ** 2 * mix.variances + s2                   # (K, D)
+    diff = w[:, None, :] - a * mix.means                # (B, K, D)
+    logits = jnp.log(mix.weights) - 0.5 * jnp.sum(diff ** 2 / var + jnp.log(var), axis=-1)
+    r = jax.nn.softmax(logits, axis=-1)
+    comp = (a * (mix.variances - 1.0) * w[:, None, :] + mix.means) / var
+    return a * s2 * jnp.einsum("bk,bkd->bd", r, comp)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _integrate_pf_ode(mix: GaussianMixture, w: Array, lam_s: Array, lam_e: Array, num_steps: int) -> Array:
+    """Classic RK4 for dw/du = lambda'(u) rhs(w, lambda(u)) on a uniform grid in u, lambda = c sinh(u / c).
+
+    The warp keeps the step in lambda ~ uniform over |lambda| < c and lets it grow in proportion to
+    |lambda| beyond, where the right-hand side decays like exp(-2 |lambda|). (c = 1 measured best among
+    1..12 on 16-D mixtures: ~30x smaller error than a uniform lambda grid at the same step count.)
+    """
+    c = _WARP
+    u_s, u_e = c * jnp.arcsinh(lam_s / c), c * jnp.arcsinh(lam_e / c)
+    h = (u_e - u_s) / num_steps
+
+    def f(w, u):
+        return jnp.cosh(u / c) * _pf_rhs(mix, w, c * jnp.sinh(u / c))
+
+    def step(w, i):
+        u = u_s + i * h
+        k1 = f(w, u)
+        k2 = f(w + 0.5 * h * k1, u + 0.5 * h)
+        k3 = f(w + 0.5 * h * k2, u + 0.5 * h)
+        k4 = f(w + h * k3, u + h)
+        return w + (h / 6.0) * (k1 + 2 * k2 + 2 * k3 + k4), None
+
+    w, _ = jax.lax.scan(step, w, jnp.arange(num_steps, dtype=w.dtype))
+    return w

@@ -1,0 +1,260 @@
+"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction), multistep and singlestep, and the
+SDE-DPM-Solver++ of Lu et al. (2022); DDIM is their first order.
+
+One exponential-integrator update covers both parameterisations. With hh = -h for data prediction
+(coefficient c_t = alpha_t, ratio sigma_t/sigma_s) and hh = +h for noise prediction (c_t = sigma_t, ratio
+alpha_t/alpha_s), h = lambda_t - lambda_s > 0:
+
+    x_t = ratio x_s - c_t [ expm1(hh) m0 + g1 D1 + g2 D2 ],   g1 = expm1(hh)/hh - 1,  g2 = g1/hh - 1/2
+
+where D1, D2 are divided differences of the model outputs in lambda, scaled by h (the Taylor form of
+Lu et al.); the "midpoint" second-order variant uses g1 = expm1(hh)/2 instead. The SDE variant replaces
+hh by -2h, multiplies the ratio by e^{-h} and adds sigma_t sqrt(-expm1(-2h)) z.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxdiff.solvers.base import Model, Sched, final_to_zero, lam_at, order_schedule, shift_history
+
+SOLVER_TYPES = ("midpoint", "taylor")
+
+
+def _check_common(order, prediction, solver_type, max_order=3):
+    if order not in range(1, max_order + 1):
+        raise ValueError(f"order must be 1..{max_order}, got {order!r}")
+    if prediction not in ("data", "noise"):
+        raise ValueError(f"prediction must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {prediction!r}")
+    if solver_type not in SOLVER_TYPES:
+        raise ValueError(f"unknown solver_type {solver_type!r}; choose one of {list(SOLVER_TYPES)}")
+
+
+def _coeffs(sched: Sched, s, t, data: bool, sde: bool = False):
+    """(ratio, c_t, hh, h) of a step from grid index s to grid index t (traced scalars)."""
+    h = sched.lam[t] - sched.lam[s]
+    if data:
+        ratio = sched.sigma[t] / sched.sigma[s]
+        if sde:
+            return ratio * jnp.exp(-h), sched.alpha[t], -2.0 * h, h
+        return ratio, sched.alpha[t], -h, h
+    return sched.alpha[t] / sched.alpha[s], sched.sigma[t], h, h
+
+
+def exp_update(x, ratio, c_t, hh, m0, d1=None, d2=None, midpoint=False):
+    """The exponential-integrator update above; d1/d2 (or None) are the scaled divided differences."""
+    e = jnp.expm1(hh)
+    acc = e * m0
+    if d1 is not None:
+        g1 = 0.5 * e if (midpoint and d2 is None) else e / hh - 1.0
+        acc = acc + g1 * d1
+        if d2 is not None:
+            acc = acc + (g1 / hh - 0.5) * d2
+    return ratio * x - c_t * acc
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistep:
+    """Multistep DPM-Solver(++) of order 1-3 (Adams-type: one model evaluation per step).
+
+    Args:
+      order: 1 (= DDIM), 2 (2M) or 3 (3M).
+      prediction: "data" (DPM-Solver++) or "noise" (DPM-Solver).
+      solver_type: second-order form, "midpoint" (the papers' 'dpmsolver', diffusers' default) or
+        "taylor" (diffusers' "heun"). Third order has a single form.
+      lower_order_final: lower the order of the last steps (min(order, steps+1-k)) ...
+      lower_final_below: ... only when steps < this (official DPM-Solver: 10; diffusers: 15; None: always).
+      sde: SDE-DPM-Solver++ (data prediction, order <= 2), stochastic: needs a key.
+    """
+    order: int = 2
+    prediction: str = "data"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    lower_final_below: int | None = 10
+    sde: bool = False
+
+    def __post_init__(self):
+        _check_common(self.order, self.prediction, self.solver_type)
+        if self.sde and (self.prediction != "data" or self.order > 2):
+            raise ValueError("sde=True is SDE-DPM-Solver++ of order 1 or 2 with prediction='data'")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sde
+
+    def validate(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError("need at least one step")
+
+    def nfe(self, sched: Sched):
+        return sched.steps
+
+    def orders(self, steps: int) -> tuple[int, ...]:
+        return order_schedule(steps, self.order, lower_order_final=self.lower_order_final,
+                              lower_final_below=self.lower_final_below)
+
+    def run(self, model: Model, sched: Sched, x, draw):
+        data = self.prediction == "data"
+        orders = jnp.asarray(self.orders(sched.steps))
+        hist0 = jnp.zeros((self.order,) + x.shape, x.dtype)
+        midpoint = self.solver_type == "midpoint"
+
+        def step(carry, i):
+            x, hist = carry
+            p = model(x, i)
+            hist = shift_history(hist, p.x0 if data else p.eps)
+            ratio, c_t, hh, h = _coeffs(sched, i, i + 1, data, self.sde)
+            r0 = (lam_at(sched, i) - lam_at(sched, i - 1)) / h
+            r1 = (lam_at(sched, i - 1) - lam_at(sched, i - 2)) / h
+            m0 = hist[0]
+
+            def first(_):
+                return exp_update(x, ratio, c_t, hh, m0)
+
+            def second(_):
+                return exp_update(x, ratio, c_t, hh, m0, (m0 - hist[1]) / r0, midpoint=midpoint)
+
+            def third(_):
+                d1_0, d1_1 = (m0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                return exp_update(x, ratio, c_t, hh, m0, d1, d2)
+
+            x_new = lax.switch(orders[i] - 1, [first, second, third][: self.order], None)
+            if self.sde:
+                x_new = x_new + sched.sigma[i + 1] * jnp.sqrt(-jnp.expm1(-2.0 * h)) * draw(i)
+            x_new = jnp.where(i == sched.steps - 1, final_to_zero(sched, x_new, p.x0), x_new)
+            return (x_new, hist), None
+
+        (x, _), _ = lax.scan(step, (x, hist0), jnp.arange(sched.steps))
+        return x
+
+
+def dpm_solver_fast_plan(steps: int, order: int) -> tuple[int, ...]:
+    """DPM-Solver's 'fast' singlestep plan of outer orders summing to `steps` model evaluations."""
+    if order == 3:
+        k = steps // 3 + 1
+        if steps % 3 == 0:
+            return (3,) * (k - 2) + (2, 1)
+        if steps % 3 == 1:
+            return (3,) * (k - 1) + (1,)
+        return (3,) * (k - 1) + (2,)
+    if order == 2:
+        return (2,) * (steps // 2) if steps % 2 == 0 else (2,) * (steps // 2) + (1,)
+    return (1,) * steps
+
+
+def diffusers_singlestep_plan(steps: int, order: int, lower_order_final: bool = True,
+                              final_zero: bool = True) -> tuple[int, ...]:
+    """The outer orders of diffusers' DPMSolverSinglestepScheduler (its `get_order_list`, whose entries
+    k = 1, 2, 3 are the fine steps of one outer step, grouped here)."""
+    if lower_order_final:
+        base = {3: [1, 2, 3], 2: [1, 2], 1: [1]}[order]
+        fine = base * (steps // order)
+        rem = steps % order
+        if order == 3 and rem == 0:
+            fine = base * (steps // 3 - 1) + [1, 2] + [1]
+        elif order == 2 and rem == 0:
+            fine = base * (steps // 2 - 1) + [1, 1]
+        elif rem:
+            fine = fine + list(range(1, rem + 1))
+    else:
+        fine = {3: [1, 2, 3], 2: [1, 2], 1: [1]}[order] * (steps // order)
+    if final_zero:
+        fine[-1] = 1
+    plan, run = [], 0
+    for o in fine:
+        if o == 1 and run:
+            plan.append(run)
+        run = o
+    plan.append(run)
+    return tuple(plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverSinglestep:
+    """Singlestep DPM-Solver(++) (Runge-Kutta type): each outer step of order k evaluates the model at
+    its start and at k-1 intermediate points, which are the grid's own points. A grid of N intervals with
+    plan (k_1, ..., k_m), sum k_j = N, costs N evaluations (DPM-Solver's `singlestep` with the same
+    spacing for inner points, and diffusers' singlestep scheduler, are this).
+
+    Args:
+      order: highest order (1-3); plan: outer orders (default: DPM-Solver's 'fast' plan for N).
+      prediction, solver_type: as DPMSolverMultistep. The intermediate state of a third-order step uses
+        the second-order form of `solver_type` (as diffusers; DPM-Solver's 3S always uses "taylor" there).
+    """
+    order: int = 3
+    prediction: str = "data"
+    solver_type: str = "midpoint"
+    plan: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _check_common(self.order, self.prediction, self.solver_type)
+        if self.plan is not None and not all(k in range(1, self.order + 1) for k in self.plan):
+            raise ValueError(f"plan {self.plan} has orders outside 1..{self.order}")
+
+    stochastic = False
+
+    def outer_plan(self, steps: int) -> tuple[int, ...]:
+        return tuple(self.plan) if self.plan is not None else dpm_solver_fast_plan(steps, self.order)
+
+    def validate(self, steps: int) -> None:
+        plan = self.outer_plan(steps)
+        if sum(plan) != steps:
+            raise ValueError(f"singlestep plan {plan} covers {sum(plan)} intervals but the grid has {steps}")
+
+    def nfe(self, sched: Sched):
+        return sched.steps
+
+    def run(self, model: Model, sched: Sched, x, draw):
+        data = self.prediction == "data"
+        midpoint = self.solver_type == "midpoint"
+        plan = self.outer_plan(sched.steps)
+        starts = jnp.asarray([sum(plan[:j]) for j in range(len(plan))])
+        orders = jnp.asarray(plan)
+
+        def second_order(x, s, m_s, m_1, i1, t):
+            ratio, c_t, hh, h = _coeffs(sched, s, t, data)
+            r1 = (sched.lam[i1] - sched.lam[s]) / h
+            return exp_update(x, ratio, c_t, hh, m_s, (m_1 - m_s) / r1, midpoint=midpoint)
+
+        def outer(x, j):
+            s = starts[j]
+            p_s = model(x, s)
+            m_s = p_s.x0 if data else p_s.eps
+            pick = (lambda p: p.x0) if data else (lambda p: p.eps)
+
+            def first(_):
+                ratio, c_t, hh, _h = _coeffs(sched, s, s + 1, data)
+                return exp_update(x, ratio, c_t, hh, m_s)
+
+            def second(_):
+                ratio, c_t, hh, _h = _coeffs(sched, s, s + 1, data)
+                x1 = exp_update(x, ratio, c_t, hh, m_s)
+                m1 = pick(model(x1, s + 1))
+                return second_order(x, s, m_s, m1, s + 1, s + 2)
+
+            def third(_):
+                ratio, c_t, hh, _h = _coeffs(sched, s, s + 1, data)
+                x1 = exp_update(x, ratio, c_t, hh, m_s)
+                m1 = pick(model(x1, s + 1))
+                x2 = second_order(x, s, m_s, m1, s + 1, s + 2)
+                m2 = pick(model(x2, s + 2))
+                ratio, c_t, hh, h = _coeffs(sched, s, s + 3, data)
+                r1 = (sched.lam[s + 1] - sched.lam[s]) / h
+                r2 = (sched.lam[s + 2] - sched.lam[s]) / h
+                if midpoint:
+                    return exp_update(x, ratio, c_t, hh, m_s, (m2 - m_s) / r2)
+                d1_0, d1_1 = (m1 - m_s) / r1, (m2 - m_s) / r2
+                d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
+                d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
+                return exp_update(x, ratio, c_t, hh, m_s, d1, d2)
+
+            x_new = lax.switch(orders[j] - 1, [first, second, third][: self.order], None)
+            x_new = jnp.where(j == len(plan) - 1, final_to_zero(sched, x_new, p_s.x0), x_new)
+            return x_new, None
+
+        x, _ = lax.scan(outer, x, jnp.arange(len(plan)))
+        return x

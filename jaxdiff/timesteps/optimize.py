@@ -1,0 +1,654 @@
+"""Optimized time steps for multistep solvers (Xue et al., "Accelerating Diffusion Sampling with Optimized
+Time Steps", CVPR 2024).
+
+A multistep data-prediction solver (DPM-Solver++ multistep, UniPC's predictor) integrates
+
+    x_end / sigma_end = x_start / sigma_start + int_{lambda_start}^{lambda_end} e^lambda x_theta(lambda) d lambda
+
+(lambda = logsnr / 2, the half-logSNR) by replacing x_theta on step s, [lambda_s, lambda_{s+1}], with the
+Lagrange polynomial through its k_s most recent nodes lambda_{s-k_s+1} .. lambda_s. Step s thus puts the
+weight
+
+    w_{s,j} = int_{lambda_s}^{lambda_{s+1}} e^lambda l_{s,j}(lambda) d lambda
+
+on node j. If the model's data prediction at node i is off by at most eps~_i = sigma_i^p / alpha_i, the
+final error is bounded by sigma_end times
+
+    E(lambda_1 .. lambda_{N-1}) = sum_i eps~_i |sum_{s,j -> i} w_{s,j}|                        ("paper")
+
+which the paper minimizes over the interior nodes with the end points fixed. The official code
+(scxue/DM-NonUniform `step_optim.py`) minimizes a variant ("official"): every order-1 step is its own
+|.| term, and the first `trunc` steps (3 there) add the root-sum-square of their weighted terms instead of
+accumulating them per node.
+
+Here the objective is written in JAX (float64, autodiff gradients) and minimized inside one `jax.jit` call
+with optax's L-BFGS over unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i),
+L = lambda_end - lambda_start, so the end points are fixed and the grid is strictly monotone by construction.
+The |.| terms are smoothed (sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the
+exact objective; the best iterate by the *exact* objective is kept. Several initial grids are optimized in
+parallel (`vmap`) and the best is returned.
+
+Public API: `order_pattern`, `objective`, `optimize`, `optimized_grid`, `cache_key`, `process_key`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import threading
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxdiff.noise import EDM, VE, Flow, NoiseProcess, VPCosine, VPDiscrete, VPLinear
+from jaxdiff.timesteps import grids as _grids
+
+__all__ = ["SOLVERS", "VARIANTS", "INITS", "DEFAULT_CACHE", "OptimizeInfo", "order_pattern", "objective",
+           "optimize", "optimized_grid", "cache_key", "process_key", "load_cache", "trace_count"]
+
+SOLVERS = ("dpm_solver++", "unipc")
+VARIANTS = ("paper", "official")
+INITS = ("uniform_t", "uniform_logsnr", "time_quadratic", "karras")
+DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimized_grids.json")
+
+# Smoothing levels of the continuation, relative to the mean |term| of the initial grid; 0 = exact polish.
+_MU_STAGES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 0.0)
+_DELTA = 1e-9          # minimum lambda step, as a fraction of the lambda span (keeps the grid strictly monotone)
+
+# step modes of the objective
+_ACCUMULATE, _SEPARATE, _RSS = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# order pattern
+# ----------------------------------------------------------------------------------------------------
+
+def order_pattern(solver: str, order: int, steps: int, *, lower_order_final: bool | None = True) -> tuple[int, ...]:
+    """Order used by each step of a multistep solver, as the official implementations do it.
+
+    Step k (1-based) first warms up with order min(k, order) (only k-1 earlier model outputs exist).
+    With `lower_order_final`, the order is further capped by steps + 1 - k (last step first order, the one
+    before at most second order). DPM-Solver++'s official code applies that only when steps < 10; UniPC's
+    always. Pass `lower_order_final=False` to never lower, `True` for the solver's own rule, or "always".
+
+    Args:
+      solver: "dpm_solver++" or "unipc".
+      order: 1, 2 or 3.
+      steps: number of steps (= NFE of these solvers).
+      lower_order_final: True (solver's rule), False, or "always".
+    Returns:
+      tuple of `steps` ints in 1..order.
+    """
+    _check_solver_order(solver, order)
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if lower_order_final not in (True, False, "always"):
+        raise ValueError(f"lower_order_final must be True, False or 'always', got {lower_order_final!r}")
+    lof = lower_order_final == "always" or (
+        lower_order_final is True and (solver == "unipc" or steps < 10))
+    out = []
+    for k in range(1, steps + 1):
+        o = min(k, order)
+        if lof:
+            o = min(o, steps + 1 - k)
+        out.append(o)
+    return tuple(out)
+
+
+def _check_solver_order(solver, order):
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; the optimized grid supports {list(SOLVERS)}")
+    if order not in (1, 2, 3) or isinstance(order, bool):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+
+
+def _check_orders(orders, steps):
+    o = np.asarray(orders)
+    if o.shape != (steps,) or not np.issubdtype(o.dtype, np.integer):
+        raise ValueError(f"orders must be {steps} integers (one per step), got {orders!r}")
+    for s, k in enumerate(o.tolist()):
+        if not 1 <= k <= 3:
+            raise ValueError(f"orders[{s}] = {k}: orders must lie in 1..3")
+        if k > s + 1:
+            raise ValueError(f"orders[{s}] = {k}: step {s + 1} has only {s + 1} model outputs to interpolate")
+    return tuple(int(k) for k in o)
+
+
+def _modes(orders, variant, trunc):
+    if variant == "paper":
+        return tuple(_ACCUMULATE for _ in orders)
+    return tuple(_SEPARATE if k == 1 else (_RSS if s < trunc else _ACCUMULATE) for s, k in enumerate(orders))
+
+
+# ----------------------------------------------------------------------------------------------------
+# process -> log alpha, log sigma as functions of lambda
+# ----------------------------------------------------------------------------------------------------
+
+def _kind(process):
+    if isinstance(process, (VPDiscrete, VPLinear, VPCosine)):
+        return "vp"
+    if isinstance(process, (EDM, VE)):
+        return "unit_alpha"
+    if isinstance(process, Flow):
+        return "flow"
+    return "generic"
+
+
+def _log_alpha_sigma(kind, process, lam):
+    """(log alpha, log sigma) at half-logSNR lam; closed forms where the family fixes them."""
+    if kind == "vp":          # alpha^2 + sigma^2 = 1
+        return -0.5 * jax.nn.softplus(-2 * lam), -0.5 * jax.nn.softplus(2 * lam)
+    if kind == "unit_alpha":  # alpha = 1, sigma = e^-lambda
+        return jnp.zeros_like(lam), -lam
+    if kind == "flow":        # alpha = 1 - t, sigma = t, t = sigmoid(-lambda)
+        return jax.nn.log_sigmoid(lam), jax.nn.log_sigmoid(-lam)
+    t = process.t_from_logsnr(2 * lam)
+    return process.log_alpha(t), process.log_sigma(t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the objective (jittable core)
+# ----------------------------------------------------------------------------------------------------
+
+def _sabs(u, mu):
+    """|u| smoothed to sqrt(u^2 + mu^2) for mu > 0; exact |u| (with a NaN-free gradient) for mu = 0."""
+    s = jnp.sqrt(u * u + jnp.where(mu > 0, mu * mu, 1.0))
+    return jnp.where(mu > 0, s, jnp.abs(u))
+
+
+def _step_terms(lam, logd, orders):
+    """Weighted Lagrange weights u[s, m] = eps~_{s-m} w_{s, s-m} of every step s on node s-m (m = 0, 1, 2).
+
+    lam (N+1,) increasing, logd (N+1,) = log eps~, orders (N,) ints. Returns (N, 3); entries with m >= order
+    are 0.
+    """
+    n = lam.shape[0] - 1
+    dt = lam.dtype
+    lam_pad = jnp.concatenate([lam[:1] - 2.0, lam[:1] - 1.0, lam])    # dummy nodes: no 0/0 in unused terms
+    s = jnp.arange(n)
+    ls, lp1, lp2 = lam_pad[s + 2], lam_pad[s + 1], lam_pad[s]
+    h = lam[1:] - lam[:-1]
+    g1 = ls - lp1                # lambda_s - lambda_{s-1}
+    g2 = lp1 - lp2               # lambda_{s-1} - lambda_{s-2}
+    eh = jnp.exp(h)
+    h0 = jnp.expm1(h)            # int_0^h e^u du
+    h1 = h * eh - h0             # int_0^h e^u u du
+    h2 = h * h * eh - 2 * h1     # int_0^h e^u u^2 du
+    zero = jnp.zeros_like(h)
+    w1 = jnp.stack([h0, zero, zero], -1)
+    w2 = jnp.stack([(h1 + g1 * h0) / g1, -h1 / g1, zero], -1)
+    w3 = jnp.stack([(h2 + (2 * g1 + g2) * h1 + g1 * (g1 + g2) * h0) / (g1 * (g1 + g2)),
+                    -(h2 + (g1 + g2) * h1) / (g1 * g2),
+                    (h2 + g1 * h1) / (g2 * (g1 + g2))], -1)
+    o = orders[:, None]
+    w = jnp.where(o == 1, w1, jnp.where(o == 2, w2, w3))
+    m = jnp.arange(3)
+    node = jnp.clip(s[:, None] - m[None, :], 0, n)
+    valid = m[None, :] < o
+    logscale = ls[:, None] + logd[node]                 # e^{lambda_s} eps~_node
+    return jnp.where(valid, jnp.exp(jnp.where(valid, logscale, 0.0)) * w, 0.0).astype(dt), node
+
+
+def _objective_lam(lam, logd, orders, modes, mu):
+    """Objective (smoothed by mu; exact for mu = 0) of an increasing lambda grid (N+1,). Scalar."""
+    n = lam.shape[0] - 1
+    u, node = _step_terms(lam, logd, orders)
+    acc = (modes == _ACCUMULATE)[:, None]
+    c = jnp.zeros((n + 1,), lam.dtype).at[node].add(jnp.where(acc, u, 0.0))
+    total = jnp.sum(_sabs(c, mu))
+    sep = (modes == _SEPARATE)[:, None]
+    total += jnp.sum(jnp.where(sep & (u != 0), _sabs(u, mu), 0.0))
+    ss = jnp.sum(u * u, axis=1)
+    rss = jnp.sqrt(ss + jnp.where(mu > 0, mu * mu, jnp.where(ss > 0, 0.0, 1.0)))
+    total += jnp.sum(jnp.where(modes == _RSS, rss, 0.0))
+    return total
+
+
+def _lam_from_z(z, lam0, lam1):
+    n = z.shape[0]
+    span = lam1 - lam0
+    h = span * (_DELTA + (1 - n * _DELTA) * jax.nn.softmax(z))
+    lam = jnp.concatenate([lam0[None], lam0 + jnp.cumsum(h)])
+    return lam.at[-1].set(lam1)
+
+
+def _z_from_lam(lam):
+    lam = np.asarray(lam, np.float64)
+    n = lam.size - 1
+    frac = np.diff(lam) / (lam[-1] - lam[0])
+    frac = np.maximum((frac - _DELTA) / (1 - n * _DELTA), 1e-300)
+    z = np.log(frac)
+    return z - z.mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the optimizer (one compiled function per (N, number of inits, process kind))
+# ----------------------------------------------------------------------------------------------------
+
+_TRACES = {"count": 0}
+
+
+def trace_count() -> int:
+    """How many times the optimizer has been traced (compiled) in this process; for recompilation checks."""
+    return _TRACES["count"]
+
+
+def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+    def logd_of(lam):
+        la, ls = _log_alpha_sigma(kind, process, lam)
+        return p * ls - la
+
+    def exact(z):
+        lam = _lam_from_z(z, lam0, lam1)
+        return _objective_lam(lam, logd_of(lam), orders, modes, 0.0)
+
+    f_init = exact(z0)
+    ok0 = jnp.isfinite(f_init) & (f_init > 0)
+    scale = jnp.where(ok0, f_init, 1.0)
+    opt = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=40))
+
+    def stage(carry, mu_rel):
+        z_start, best_z, best_f, all_conv, n_it = carry
+        mu = mu_rel * scale / orders.shape[0]
+
+        def fun(z):
+            lam = _lam_from_z(z, lam0, lam1)
+            return _objective_lam(lam, logd_of(lam), orders, modes, mu) / scale
+
+        vg = optax.value_and_grad_from_state(fun)
+        # the polish stage (mu = 0) restarts from the best exact iterate
+        z = jnp.where(mu_rel > 0, z_start, best_z)
+        state = opt.init(z)
+
+        def cond(c):
+            return (c[2] < maxiter) & ~c[6]
+
+        def body(c):
+            z, st, it, bz, bf, stall, done = c
+            v, g = vg(z, state=st)
+            upd, st2 = opt.update(g, st, z, value=v, grad=g, value_fn=fun)
+            zn = optax.apply_updates(z, upd)
+            vn = optax.tree_utils.tree_get(st2, "value")
+            fe = exact(zn)
+            finite = jnp.isfinite(fe) & jnp.isfinite(vn) & jnp.all(jnp.isfinite(zn))
+            better = finite & (fe < bf)
+            bz = jnp.where(better, zn, bz)
+            bf = jnp.where(better, fe, bf)
+            small = jnp.abs(v - vn) <= 1e-13 * jnp.maximum(jnp.abs(v), 1e-300)
+            stall = jnp.where(small, stall + 1, 0)
+            gn = optax.tree_utils.tree_l2_norm(g)
+            done = (gn <= gtol) | (stall >= 4) | ~finite
+            zn = jnp.where(finite, zn, bz)
+            return zn, st2, it + 1, bz, bf, stall, done
+
+        init = (z, state, jnp.zeros((), jnp.int32), best_z, best_f, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        z, _, it, best_z, best_f, _, done = jax.lax.while_loop(cond, body, init)
+        return (z, best_z, best_f, all_conv & done, n_it + it), (it, best_f, done)
+
+    best_f0 = jnp.where(ok0, f_init, jnp.inf)
+    carry = (z0, z0, best_f0, jnp.ones((), bool), jnp.zeros((), jnp.int32))
+    mus = jnp.asarray(_MU_STAGES, z0.dtype)
+    (_, best_z, best_f, conv, n_it), per_stage = jax.lax.scan(stage, carry, mus)
+    lam = _lam_from_z(best_z, lam0, lam1)
+    return lam, best_f, f_init, conv, n_it, per_stage
+
+
+def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+    _TRACES["count"] += 1
+
+    def one(z0):
+        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process)
+    return jax.vmap(one)(z0s)
+
+
+_solve_jit = jax.jit(_solve_impl, static_argnames=("kind",))
+_solve_jit_generic = jax.jit(_solve_impl, static_argnames=("kind", "process"))
+
+
+def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+    args = (jnp.asarray(z0s, jnp.float64), jnp.asarray(lam0, jnp.float64), jnp.asarray(lam1, jnp.float64),
+            jnp.asarray(p, jnp.float64), jnp.asarray(orders, jnp.int32), jnp.asarray(modes, jnp.int32),
+            jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64))
+    if kind == "generic":
+        return _solve_jit_generic(*args, kind=kind, process=process)
+    return _solve_jit(*args, kind=kind, process=None)
+
+
+_objective_jit = jax.jit(_objective_lam)
+
+
+# ----------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------
+
+def _endpoints(process, t_start, t_end):
+    if not isinstance(process, NoiseProcess):
+        raise ValueError(f"process must be a jaxdiff NoiseProcess, got {type(process).__name__}")
+    t_start = float(process.t_max) if t_start is None else float(t_start)
+    t_end = float(process.t_min) if t_end is None else float(t_end)
+    lo, hi = float(process.t_min), float(process.t_max)
+    tol = 1e-12 * max(abs(hi), 1.0)
+    for name, t in (("t_start", t_start), ("t_end", t_end)):
+        if not math.isfinite(t) or t < lo - tol or t > hi + tol:
+            raise ValueError(f"{name}={t} is outside the range [t_min, t_max] = [{lo}, {hi}] of "
+                             f"{type(process).__name__}; the optimized grid needs finite logSNR at both ends")
+    if not t_start > t_end:
+        raise ValueError(f"need t_start > t_end, got t_start={t_start}, t_end={t_end}")
+    return t_start, t_end
+
+
+def _lambda_range(process, t_start, t_end, n_check=4097):
+    """Half-logSNR at both ends after checking logSNR is finite and strictly decreasing on a fine grid."""
+    with jax.enable_x64(True):
+        t = np.linspace(t_start, t_end, n_check)
+        ls = np.asarray(process.logsnr(jnp.asarray(t, jnp.float64)), np.float64)
+    if not np.all(np.isfinite(ls)):
+        bad = t[~np.isfinite(ls)][0]
+        raise ValueError(f"logSNR of {type(process).__name__} is not finite at t={bad} in [{t_end}, {t_start}]")
+    d = np.diff(ls)          # t runs from t_start down to t_end, so logSNR must increase along it
+    if not np.all(d > 0):
+        i = int(np.argmax(~(d > 0)))
+        raise ValueError(f"logSNR of {type(process).__name__} is not strictly decreasing on [{t_end}, {t_start}]: "
+                         f"logsnr({t[i + 1]:.6g}) = {ls[i + 1]:.6g} <= logsnr({t[i]:.6g}) = {ls[i]:.6g}; "
+                         "the grid optimizer works in logSNR and needs it monotone")
+    return 0.5 * ls[0], 0.5 * ls[-1]
+
+
+def _resolve_pattern(solver, order, nfe, orders, lower_order_final):
+    _check_solver_order(solver, order)
+    if not isinstance(nfe, (int, np.integer)) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if orders is None:
+        pattern = order_pattern(solver, order, int(nfe), lower_order_final=lower_order_final)
+        if max(pattern) < order or nfe < 2:
+            need = 2
+            while max(order_pattern(solver, order, need, lower_order_final=lower_order_final)) < order:
+                need += 1
+            raise ValueError(f"nfe={nfe} is too small for {solver} of order {order}: its steps never reach "
+                             f"order {order} (orders {list(pattern)}); use nfe >= {need} or a lower order")
+    else:
+        pattern = _check_orders(orders, int(nfe))
+        if nfe < 2:
+            raise ValueError("nfe must be >= 2: a one-step grid has no free time to optimize")
+    return pattern
+
+
+def _check_p(p):
+    p = float(p)
+    if not math.isfinite(p) or p < 0:
+        raise ValueError(f"p must be a finite number >= 0 (1: pixel models, 2: latent models), got {p}")
+    return p
+
+
+def _check_variant(variant, trunc):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
+    if not isinstance(trunc, (int, np.integer)) or trunc < 0:
+        raise ValueError(f"trunc must be a non-negative integer, got {trunc!r}")
+    return int(trunc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------------
+
+def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int = 3, p: float = 1.0,
+              variant: str = "paper", trunc: int = 3, orders: Sequence[int] | None = None,
+              lower_order_final: bool | str = True) -> float:
+    """The exact objective E of a time grid (float64), as minimized by `optimize`.
+
+    Args:
+      process: noise process.
+      grid: (N+1,) strictly decreasing times t_start .. t_end, all with finite logSNR (N = NFE).
+      solver, order, orders, lower_order_final: the order of each step (see `order_pattern`); `orders`
+        (N,) overrides the solver's pattern.
+      p: error exponent, eps~_t = sigma_t^p / alpha_t (1 for pixel models, 2 for latent models).
+      variant: "paper" (per-node |sum of weights|) or "official" (DM-NonUniform's objective: order-1 steps
+        separate, root-sum-square for the first `trunc` steps).
+    Returns:
+      the objective value (a Python float), without the common factor sigma_end.
+    """
+    g = np.asarray(grid, np.float64)
+    if g.ndim != 1 or g.size < 2 or not np.all(np.diff(g) < 0):
+        raise ValueError("grid must be a 1-D strictly decreasing array of at least 2 times")
+    n = g.size - 1
+    p = _check_p(p)
+    trunc = _check_variant(variant, trunc)
+    pattern = _check_orders(orders, n) if orders is not None else order_pattern(
+        solver, order, n, lower_order_final=lower_order_final)
+    with jax.enable_x64(True):
+        lam = 0.5 * process.logsnr(jnp.asarray(g, jnp.float64))
+        la, ls = _log_alpha_sigma(_kind(process), process, lam)
+        val = _objective_jit(lam, p * ls - la, jnp.asarray(pattern, jnp.int32),
+                             jnp.asarray(_modes(pattern, variant, trunc), jnp.int32), jnp.float64(0.0))
+        return float(val)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeInfo:
+    """What `optimize(..., return_info=True)` reports besides the grid.
+
+    objective: exact objective of the returned grid; init_objectives: of each initial grid (k,);
+    final_objectives: best reached from each initial grid (k,); best_init: name (or index) of the winner;
+    inits: names of the initial grids; converged: whether the winner's run stopped on its tolerances;
+    iterations: L-BFGS iterations of the winner (all stages); lambdas: (N+1,) half-logSNR of the grid;
+    orders: the step orders used.
+    """
+    objective: float
+    init_objectives: np.ndarray
+    final_objectives: np.ndarray
+    best_init: Any
+    inits: tuple
+    converged: bool
+    iterations: int
+    lambdas: np.ndarray
+    orders: tuple
+    stages: Any = None
+
+
+def _init_grids(process, nfe, init, t_start, t_end):
+    """Initial grids as (names, (k, nfe+1) array)."""
+    if isinstance(init, str):
+        names = INITS if init == "all" else (init,)
+    elif isinstance(init, (tuple, list)) and all(isinstance(i, str) for i in init):
+        names = tuple(init)
+    else:
+        arr = np.asarray(init, np.float64)
+        arr = arr[None] if arr.ndim == 1 else arr
+        if arr.ndim != 2 or arr.shape[1] != nfe + 1 or arr.shape[0] < 1:
+            raise ValueError(f"an explicit init must have shape ({nfe + 1},) or (k, {nfe + 1}), got {arr.shape}")
+        for g in arr:
+            if not np.all(np.diff(g) < 0) or not (np.isclose(g[0], t_start) and np.isclose(g[-1], t_end)):
+                raise ValueError("an explicit init grid must decrease strictly from t_start to t_end")
+        return tuple(range(arr.shape[0])), arr
+    if not names:
+        raise ValueError("init must name at least one grid")
+    for nm in names:
+        if nm not in INITS:
+            raise ValueError(f"unknown init {nm!r}; choose from {list(INITS)}, 'all', or pass grids")
+    with jax.enable_x64(True):
+        arr = np.stack([np.asarray(_grids.make_grid(nm, process, int(nfe), t_start=t_start, t_end=t_end),
+                                   np.float64) for nm in names])
+    return names, arr
+
+
+def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
+             p: float = 1.0, t_start: float | None = None, t_end: float | None = None, init="all",
+             variant: str = "paper", trunc: int = 3, orders: Sequence[int] | None = None,
+             lower_order_final: bool | str = True, maxiter: int = 300, gtol: float = 1e-10,
+             return_info: bool = False):
+    """Optimized time grid for a multistep solver (Xue et al. 2024), computed in float64 under `jax.jit`.
+
+    Args:
+      process: noise process (its logSNR must be strictly decreasing on [t_end, t_start]).
+      solver: "dpm_solver++" (multistep) or "unipc"; with `order` and `lower_order_final` it fixes the order
+        of every step (`order_pattern`), unless `orders` (nfe,) overrides it.
+      order: 1, 2 or 3.
+      nfe: number of steps = model evaluations (the grid has nfe+1 times).
+      p: error exponent, eps~_t = sigma_t^p / alpha_t: 1 for pixel-space models, 2 for latent models.
+      t_start, t_end: end points (default process.t_max, process.t_min); both must lie in [t_min, t_max].
+      init: "all" (uniform_t, uniform_logsnr, time_quadratic, karras, optimized together, best kept), one of
+        those names, a tuple of names, or explicit grids (nfe+1,) / (k, nfe+1).
+      variant: "paper" or "official" (see `objective`); trunc: the official variant's truncNum.
+      maxiter: L-BFGS iterations per continuation stage; gtol: gradient tolerance (objective scaled to 1).
+      return_info: also return an `OptimizeInfo`.
+    Returns:
+      grid: numpy float64 (nfe+1,), strictly decreasing, grid[0] == t_start and grid[-1] == t_end exactly;
+      and the `OptimizeInfo` if `return_info`. If the optimizer did not converge it warns and returns the
+      best grid it found (never NaN: at worst the best initial grid).
+    Raises:
+      ValueError, before any compilation, for a bad solver/order/nfe/p/variant/init, end points outside
+      [t_min, t_max], or a logSNR that is not finite and strictly decreasing on the range.
+    """
+    pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
+    p = _check_p(p)
+    trunc = _check_variant(variant, trunc)
+    if not isinstance(maxiter, (int, np.integer)) or maxiter < 1:
+        raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
+    t_start, t_end = _endpoints(process, t_start, t_end)
+    lam0, lam1 = _lambda_range(process, t_start, t_end)
+    names, inits = _init_grids(process, int(nfe), init, t_start, t_end)
+    with jax.enable_x64(True):
+        lam_inits = 0.5 * np.asarray(process.logsnr(jnp.asarray(inits, jnp.float64)), np.float64)
+        lam_inits[:, 0], lam_inits[:, -1] = lam0, lam1
+        if not (np.all(np.isfinite(lam_inits)) and np.all(np.diff(lam_inits, axis=1) > 0)):
+            raise ValueError("an initial grid has non-finite or non-increasing logSNR")
+        z0 = np.stack([_z_from_lam(li) for li in lam_inits])
+        kind = _kind(process)
+        modes = _modes(pattern, variant, trunc)
+        lam, best_f, f_init, conv, n_it, per_stage = jax.device_get(
+            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), kind, process))
+        best_f = np.asarray(best_f, np.float64)
+        f_init = np.asarray(f_init, np.float64)
+        finite = np.isfinite(best_f)
+        if finite.any():
+            i = int(np.argmin(np.where(finite, best_f, np.inf)))
+            lam_best = np.asarray(lam[i], np.float64)
+            converged = bool(conv[i])
+        else:   # nothing finite anywhere: fall back to the first initial grid
+            i = 0
+            lam_best = lam_inits[0]
+            converged = False
+        if not np.all(np.isfinite(lam_best)) or not np.all(np.diff(lam_best) > 0):
+            lam_best, converged = lam_inits[i], False
+        t = np.array(process.t_from_logsnr(jnp.asarray(2 * lam_best, jnp.float64)), np.float64)
+    t[0], t[-1] = t_start, t_end
+    if not (np.all(np.isfinite(t)) and np.all(np.diff(t) < 0)):
+        # the lambda -> t map lost strictness (too close nodes); fall back to the best initial grid
+        j = int(np.argmin(np.where(np.isfinite(f_init), f_init, np.inf)))
+        t, lam_best, converged = inits[j].copy(), lam_inits[j], False
+        t[0], t[-1] = t_start, t_end
+    if not converged:
+        warnings.warn(f"optimized time steps ({solver}, order {order}, nfe {nfe}) did not converge "
+                      f"within maxiter={maxiter} per stage; returning the best grid found "
+                      f"(objective {best_f[i]:.6g}, initial {f_init[i]:.6g})", RuntimeWarning, stacklevel=2)
+    if not return_info:
+        return t
+    obj = objective(process, t, orders=pattern, p=p, variant=variant, trunc=trunc)
+    info = OptimizeInfo(objective=obj, init_objectives=f_init, final_objectives=best_f, stages=per_stage,
+                        best_init=names[i], inits=tuple(names), converged=converged,
+                        iterations=int(n_it[i]), lambdas=np.asarray(lam_best), orders=pattern)
+    return t, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# cache
+# ----------------------------------------------------------------------------------------------------
+
+def process_key(process: NoiseProcess) -> str:
+    """A stable text key of a process: class name and fields (arrays by a SHA-1 of their float64 bytes)."""
+    parts = []
+    if dataclasses.is_dataclass(process):
+        for f in dataclasses.fields(process):
+            v = getattr(process, f.name)
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                parts.append(f"{f.name}={v!r}")
+            else:
+                a = np.ascontiguousarray(np.asarray(v, np.float64))
+                parts.append(f"{f.name}=sha1:{hashlib.sha1(a.tobytes()).hexdigest()[:16]}")
+    else:
+        raise ValueError(f"cannot key a non-dataclass process {type(process).__name__} for the cache")
+    return f"{type(process).__name__}({', '.join(parts)})"
+
+
+def cache_key(process: NoiseProcess, solver: str, order: int, nfe: int, *, p: float = 1.0, init="all",
+              variant: str = "paper", trunc: int = 3, t_start=None, t_end=None, orders=None,
+              lower_order_final: bool | str = True) -> str:
+    """The cache key of an optimized grid (a string)."""
+    pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
+    t_start, t_end = _endpoints(process, t_start, t_end)
+    if not isinstance(init, str):
+        if isinstance(init, (tuple, list)) and all(isinstance(i, str) for i in init):
+            init = "+".join(init)
+        else:
+            raise ValueError("explicit initial grids cannot be cached; pass init names")
+    var = variant if variant == "paper" else f"{variant}(trunc={_check_variant(variant, trunc)})"
+    return "|".join([process_key(process), solver, f"order={order}", f"nfe={nfe}", f"p={float(p)!r}",
+                     f"init={init}", f"variant={var}", f"t_start={t_start!r}", f"t_end={t_end!r}",
+                     "orders=" + "".join(map(str, pattern))])
+
+
+_CACHE_LOCK = threading.Lock()
+_LOADED: dict[str, dict] = {}
+
+
+def load_cache(path: str | None = None) -> dict:
+    """The cache file's entries {key: entry} ({} if the file does not exist)."""
+    path = path or DEFAULT_CACHE
+    with _CACHE_LOCK:
+        if path not in _LOADED:
+            if os.path.exists(path):
+                with open(path) as fh:
+                    data = json.load(fh)
+                _LOADED[path] = dict(data.get("entries", {}))
+            else:
+                _LOADED[path] = {}
+        return _LOADED[path]
+
+
+def _write_cache(path, entries):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({"version": 1, "format": "jaxdiff optimized time grids; see docs/optimized_steps.md",
+                   "entries": dict(sorted(entries.items()))}, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def optimized_grid(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
+                   p: float = 1.0, init="all", variant: str = "paper", trunc: int = 3, t_start=None, t_end=None,
+                   orders=None, lower_order_final: bool | str = True, cache_path: str | None = None,
+                   write: bool = False, optimize_on_miss: bool = True, label: str | None = None, **kwargs):
+    """The optimized grid from the cache, optimizing (and with `write=True` storing it) on a miss.
+
+    Args are those of `optimize` plus: cache_path (default: the file shipped with jaxdiff,
+    `jaxdiff/timesteps/optimized_grids.json`); write: store a newly optimized grid in that file;
+    optimize_on_miss: False raises KeyError on a miss instead; label: a readable process name to store.
+    Returns:
+      numpy float64 (nfe+1,) strictly decreasing grid t_start .. t_end.
+    """
+    key = cache_key(process, solver, order, nfe, p=p, init=init, variant=variant, trunc=trunc,
+                    t_start=t_start, t_end=t_end, orders=orders, lower_order_final=lower_order_final)
+    path = cache_path or DEFAULT_CACHE
+    entries = load_cache(path)
+    hit = entries.get(key)
+    if hit is not None:
+        return np.asarray(hit["grid"], np.float64)
+    if not optimize_on_miss:
+        raise KeyError(f"no cached optimized grid for {key}")
+    grid, info = optimize(process, solver, order, nfe, p=p, init=init, variant=variant, trunc=trunc,
+                          t_start=t_start, t_end=t_end, orders=orders, lower_order_final=lower_order_final,
+                          return_info=True, **kwargs)
+    entry = {"grid": [float(x) for x in grid], "objective": info.objective, "best_init": str(info.best_init),
+             "converged": info.converged, "process": label or type(process).__name__}
+    with _CACHE_LOCK:
+        entries[key] = entry
+        if write:
+            _write_cache(path, entries)
+    return grid
