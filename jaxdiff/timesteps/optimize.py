@@ -59,6 +59,7 @@ DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimi
 
 # Smoothing levels of the continuation, relative to the mean |term| of the initial grid; 0 = exact polish.
 _MU_STAGES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 0.0)
+_WINDOW = 20        # iterations between progress checks
 _DELTA = 1e-9          # minimum lambda step, as a fraction of the lambda span (keeps the grid strictly monotone)
 
 # step modes of the objective
@@ -239,7 +240,7 @@ def trace_count() -> int:
     return _TRACES["count"]
 
 
-def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
     def logd_of(lam):
         la, ls = _log_alpha_sigma(kind, process, lam)
         return p * ls - la
@@ -270,7 +271,7 @@ def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
             return (c[2] < maxiter) & ~c[6]
 
         def body(c):
-            z, st, it, bz, bf, stall, done = c
+            z, st, it, bz, bf, ref, done = c
             v, g = vg(z, state=st)
             upd, st2 = opt.update(g, st, z, value=v, grad=g, value_fn=fun)
             zn = optax.apply_updates(z, upd)
@@ -280,16 +281,22 @@ def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
             better = finite & (fe < bf)
             bz = jnp.where(better, zn, bz)
             bf = jnp.where(better, fe, bf)
-            small = jnp.abs(v - vn) <= 1e-13 * jnp.maximum(jnp.abs(v), 1e-300)
-            stall = jnp.where(small, stall + 1, 0)
             gn = optax.tree_utils.tree_l2_norm(g)
-            done = (gn <= gtol) | (stall >= 4) | ~finite
+            # progress check every _WINDOW iterations on the (smoothed) value being minimized
+            check = (it + 1) % _WINDOW == 0
+            stalled = check & (ref - vn <= ftol * jnp.abs(vn))
+            ref = jnp.where(check, vn, ref)
+            done = (gn <= gtol) | stalled | ~finite
             zn = jnp.where(finite, zn, bz)
-            return zn, st2, it + 1, bz, bf, stall, done
+            return zn, st2, it + 1, bz, bf, ref, done
 
-        init = (z, state, jnp.zeros((), jnp.int32), best_z, best_f, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        init = (z, state, jnp.zeros((), jnp.int32), best_z, best_f, jnp.asarray(jnp.inf, z.dtype),
+                jnp.zeros((), bool))
         z, _, it, best_z, best_f, _, done = jax.lax.while_loop(cond, body, init)
-        return (z, best_z, best_f, all_conv & done, n_it + it), (it, best_f, done)
+        # intermediate smoothing stages may stop at maxiter (they only warm-start the next one);
+        # convergence is judged on the last smoothed stage and the exact polish
+        all_conv = all_conv & (done | (mu_rel > _MU_STAGES[-2] * 1.5))
+        return (z, best_z, best_f, all_conv, n_it + it), (it, best_f, done)
 
     best_f0 = jnp.where(ok0, f_init, jnp.inf)
     carry = (z0, z0, best_f0, jnp.ones((), bool), jnp.zeros((), jnp.int32))
@@ -299,11 +306,11 @@ def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
     return lam, best_f, f_init, conv, n_it, per_stage
 
 
-def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
     _TRACES["count"] += 1
 
     def one(z0):
-        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process)
+        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process)
     return jax.vmap(one)(z0s)
 
 
@@ -311,10 +318,10 @@ _solve_jit = jax.jit(_solve_impl, static_argnames=("kind",))
 _solve_jit_generic = jax.jit(_solve_impl, static_argnames=("kind", "process"))
 
 
-def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, kind, process):
+def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
     args = (jnp.asarray(z0s, jnp.float64), jnp.asarray(lam0, jnp.float64), jnp.asarray(lam1, jnp.float64),
             jnp.asarray(p, jnp.float64), jnp.asarray(orders, jnp.int32), jnp.asarray(modes, jnp.int32),
-            jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64))
+            jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64), jnp.asarray(ftol, jnp.float64))
     if kind == "generic":
         return _solve_jit_generic(*args, kind=kind, process=process)
     return _solve_jit(*args, kind=kind, process=None)
@@ -481,8 +488,8 @@ def _init_grids(process, nfe, init, t_start, t_end):
 def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
              p: float = 1.0, t_start: float | None = None, t_end: float | None = None, init="all",
              variant: str = "paper", trunc: int = 3, orders: Sequence[int] | None = None,
-             lower_order_final: bool | str = True, maxiter: int = 300, gtol: float = 1e-10,
-             return_info: bool = False):
+             lower_order_final: bool | str = True, maxiter: int = 1000, gtol: float = 1e-10,
+             ftol: float = 1e-9, return_info: bool = False):
     """Optimized time grid for a multistep solver (Xue et al. 2024), computed in float64 under `jax.jit`.
 
     Args:
@@ -496,7 +503,8 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
       init: "all" (uniform_t, uniform_logsnr, time_quadratic, karras, optimized together, best kept), one of
         those names, a tuple of names, or explicit grids (nfe+1,) / (k, nfe+1).
       variant: "paper" or "official" (see `objective`); trunc: the official variant's truncNum.
-      maxiter: L-BFGS iterations per continuation stage; gtol: gradient tolerance (objective scaled to 1).
+      maxiter: L-BFGS iterations per continuation stage; gtol: gradient tolerance (objective scaled to 1);
+        ftol: a stage stops when its value fell by less than ftol (relative) over 20 iterations.
       return_info: also return an `OptimizeInfo`.
     Returns:
       grid: numpy float64 (nfe+1,), strictly decreasing, grid[0] == t_start and grid[-1] == t_end exactly;
@@ -523,7 +531,7 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
         kind = _kind(process)
         modes = _modes(pattern, variant, trunc)
         lam, best_f, f_init, conv, n_it, per_stage = jax.device_get(
-            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), kind, process))
+            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), float(ftol), kind, process))
         best_f = np.asarray(best_f, np.float64)
         f_init = np.asarray(f_init, np.float64)
         finite = np.isfinite(best_f)
