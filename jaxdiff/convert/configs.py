@@ -16,6 +16,8 @@ class UnsupportedConfigError(ValueError):
 
 _DOWN = {"DownBlock2D": None, "AttnDownBlock2D": "self", "CrossAttnDownBlock2D": "cross"}
 _UP = {"UpBlock2D": None, "AttnUpBlock2D": "self", "CrossAttnUpBlock2D": "cross"}
+_UNET2D_DEFAULT_BLOCKS = (("DownBlock2D",) + ("AttnDownBlock2D",) * 3, ("AttnUpBlock2D",) * 3 + ("UpBlock2D",))
+_COND_DEFAULT_BLOCKS = (("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 _DOWN_INV = {v: k for k, v in _DOWN.items()}
 _UP_INV = {v: k for k, v in _UP.items()}
 
@@ -102,10 +104,11 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
                     ("projection_class_embeddings_input_dim", (None,)),
                     ("mid_block_only_cross_attention", (None, False))]:
         _require(cfg, key, ok, cls)
-    chs = tuple(cfg.get("block_out_channels", (224, 448, 672, 896)))
+    chs = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280) if cond else (224, 448, 672, 896)))
     n = len(chs)
-    down = _blocks(cfg["down_block_types"], _DOWN, cls, "down")
-    up = _blocks(cfg["up_block_types"], _UP, cls, "up")
+    defaults = _COND_DEFAULT_BLOCKS if cond else _UNET2D_DEFAULT_BLOCKS
+    down = _blocks(cfg.get("down_block_types", defaults[0]), _DOWN, cls, "down")
+    up = _blocks(cfg.get("up_block_types", defaults[1]), _UP, cls, "up")
     if len(down) != n or len(up) != n:
         raise UnsupportedConfigError(f"{cls}: {len(down)} down / {len(up)} up block types for {n} levels")
     norm_groups = cfg.get("norm_num_groups", 32)

@@ -72,10 +72,11 @@ def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, remat:
     ``UNet2DConditionModel`` folder and load its weights (shape-checked)."""
     cfg = read_config(folder)
     _class_of(cfg, folder, _UNET_CLASSES, "load_unet")
+    sd = read_state_dict(folder)
     c = unet_config_from_diffusers(cfg)
     model = _build(lambda: UNet(c, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)),
                    c.dropout)
-    load_state_dict(model, read_state_dict(folder), what=f"checkpoint {folder!r}")
+    load_state_dict(model, sd, what=f"checkpoint {folder!r}")
     return model
 
 
@@ -84,11 +85,12 @@ def load_autoencoder(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
     (by ``_class_name``) from a diffusers folder and load its weights."""
     cfg = read_config(folder)
     _class_of(cfg, folder, _VAE_CLASSES, "load_autoencoder")
+    sd = read_state_dict(folder)
     cls, c = autoencoder_config_from_diffusers(cfg)
     model_cls = AutoencoderKL if cls == "AutoencoderKL" else VQModel
     model = _build(lambda: model_cls(c, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                      rngs=nnx.Rngs(0)), 0.0)
-    load_state_dict(model, read_state_dict(folder), what=f"checkpoint {folder!r}")
+    load_state_dict(model, sd, what=f"checkpoint {folder!r}")
     return model
 
 

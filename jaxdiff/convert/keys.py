@@ -32,9 +32,11 @@ _LEGACY = [(re.compile(r"\.query\.(weight|bias)$"), r".to_q.\1"),
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
-    def __init__(self, missing, unexpected, shape_mismatches, what="checkpoint"):
+    def __init__(self, missing, unexpected, shape_mismatches, what="checkpoint", matched: int = -1):
         self.missing, self.unexpected, self.shape_mismatches = missing, unexpected, shape_mismatches
         lines = [f"{what} does not match the model:"]
+        if unexpected and matched == 0:
+            lines.append("  no parameter name matches: this looks like a checkpoint of a different architecture")
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}"
                          + (" ..." if len(missing) > 20 else ""))
@@ -126,7 +128,7 @@ def load_state_dict(model: nnx.Module, sd: dict, *, what: str = "checkpoint") ->
             continue
         staged[k] = to_jax_layout(leaf, arr, want)
     if missing or unexpected or bad:
-        raise CheckpointMismatchError(missing, unexpected, bad, what)
+        raise CheckpointMismatchError(missing, unexpected, bad, what, matched=len(staged))
     for k, (path, var) in table.items():
         var.set_value(jnp.asarray(np.asarray(staged[k], dtype=var.get_value().dtype)))
 
