@@ -224,10 +224,13 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
     if c.mid_num_layers != 1 or not c.mid_block:
         raise UnsupportedConfigError("UNet2DModel mid block always has one attention layer")
     default_groups = c.norm_num_groups if c.resnet_time_scale_shift == "default" else None
+    actual = c.norm_num_groups if c.mid_attn_norm_groups == -1 else c.mid_attn_norm_groups
+    if actual is None and default_groups is not None and c.mid_attention:
+        raise UnsupportedConfigError("mid attention without GroupNorm needs resnet_time_scale_shift='scale_shift' "
+                                     "in diffusers")
     return dict(_class_name="UNet2DModel", **common, mid_block_type="UNetMidBlock2D",
                 attention_head_dim=head_dim, add_attention=c.mid_attention is not None,
-                attn_norm_num_groups=(None if c.mid_attn_norm_groups in (-1, default_groups)
-                                      else c.mid_attn_norm_groups),
+                attn_norm_num_groups=None if actual == default_groups else actual,
                 time_embedding_type="positional")
 
 
