@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.noise import NoiseProcess, broadcast_to_batch, check_time
+from jaxdiff.noise import NoiseProcess, check_time
 
 Array = jax.Array
 
@@ -107,22 +107,23 @@ class GaussianMixture:
     @classmethod
     def random(cls, key: Array, num_components: int, dim: int, *, separation: float = 6.0,
                std_range: tuple[float, float] = (0.1, 0.3), mean_scale: float = 1.0,
-               dirichlet_concentration: float = 5.0) -> "GaussianMixture":
+               weight_spread: float = 0.5) -> "GaussianMixture":
         """A random, well-separated mixture of `num_components` components in `dim` dimensions.
 
         Means ~ N(0, mean_scale^2 I), then scaled up (if needed) so that every pair of means is at least
         `separation` times the largest component standard deviation apart. Per-dimension standard
-        deviations are log-uniform in `std_range`; weights ~ Dirichlet(dirichlet_concentration).
-        Built on the host (not traceable); float64 when x64 is enabled.
+        deviations are log-uniform in `std_range`; weights = softmax(weight_spread * N(0, I_K)).
+        Built on the host with numpy's generator seeded by the key's data (not traceable; no compilation);
+        float64 when x64 is enabled.
         """
         if num_components < 1 or dim < 1:
             raise ValueError(f"num_components and dim must be >= 1, got {num_components}, {dim}")
         lo, hi = std_range
         if not 0 < lo <= hi:
             raise ValueError(f"std_range must satisfy 0 < low <= high, got {std_range}")
-        km, ks, kw = jax.random.split(key, 3)
-        means = mean_scale * np.asarray(jax.random.normal(km, (num_components, dim), jnp.float32), np.float64)
-        u = np.asarray(jax.random.uniform(ks, (num_components, dim), jnp.float32), np.float64)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())  # host-side
+        means = mean_scale * rng.standard_normal((num_components, dim))
+        u = rng.uniform(size=(num_components, dim))
         std = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
         if num_components > 1:
             d = np.linalg.norm(means[:, None] - means[None], axis=-1)
@@ -130,8 +131,8 @@ class GaussianMixture:
             need = separation * std.max()
             if d_min < need:
                 means = means * (need / max(d_min, 1e-12))
-        w = np.asarray(jax.random.dirichlet(kw, jnp.full((num_components,), dirichlet_concentration, jnp.float32)),
-                       np.float64)
+        logits = weight_spread * rng.standard_normal(num_components)
+        w = np.exp(logits - logits.max())
         w = w / w.sum()
         dtype = jnp.result_type(float)
         return cls(jnp.asarray(w, dtype), jnp.asarray(means, dtype), jnp.asarray(std ** 2, dtype))
@@ -170,69 +171,46 @@ class GaussianMixture:
 
     def sample(self, key: Array, n: int) -> Array:
         """n exact samples of the data distribution, (n, D)."""
-        kc, kz = jax.random.split(key)
-        comp = jax.random.categorical(kc, jnp.log(self.weights), shape=(n,))
-        z = jax.random.normal(kz, (n, self.dim), self.means.dtype)
-        return self.means[comp] + jnp.sqrt(self.variances[comp]) * z
+        return _sample(self, key, n)
 
     def log_prob(self, x0: Array) -> Array:
         """Exact data log-density log p(x0); x0 (n, D) (or (n, ...) with D elements) -> (n,)."""
-        x = self._flat(x0)
-        return jax.nn.logsumexp(self._logits(x, 1.0, 0.0), axis=-1)
+        self._check_x(x0)
+        return _log_prob(self, x0)
 
     # -- marginals of a noise process ---------------------------------------------------------------
     def marginal_log_prob(self, x: Array, t: Array, process: NoiseProcess) -> Array:
         """log p_t(x) of the noised marginal; x (B, D) or (B, ...), t scalar or (B,) -> (B,)."""
-        xf, a, s = self._prepare(x, t, process)
-        return jax.nn.logsumexp(self._logits(xf, a, s), axis=-1)
+        self._check_x(x)
+        self._check_t(t, x, process)
+        return _predict_all(self, process, x, t)["log_prob"]
 
     def score(self, x: Array, t: Array, process: NoiseProcess) -> Array:
         """Exact score grad_x log p_t(x); x (B, D) or (B, ...), t scalar or (B,) -> x's shape."""
-        xf, a, s = self._prepare(x, t, process)
-        r, diff, s2 = self._posterior(xf, a, s)
-        return self._unflat(-jnp.einsum("bk,bkd->bd", r, diff / s2), x)
+        return self.prediction(x, t, process, "score")
 
     def x0_prediction(self, x: Array, t: Array, process: NoiseProcess) -> Array:
         """Posterior mean E[x0 | x_t = x]; x (B, D) or (B, ...), t scalar or (B,) -> x's shape.
 
         At sigma = 0 this is x / alpha exactly; at alpha = 0 it is the data mean.
         """
-        xf, a, s = self._prepare(x, t, process)
-        r, diff, s2 = self._posterior(xf, a, s)
-        comp = self.means + a * self.variances * diff / s2
-        return self._unflat(jnp.einsum("bk,bkd->bd", r, comp), x)
+        return self.prediction(x, t, process, "x0")
 
     def eps_prediction(self, x: Array, t: Array, process: NoiseProcess) -> Array:
         """E[eps | x_t = x] = -sigma * score (0 at sigma = 0); x (B, D) or (B, ...), t scalar or (B,)."""
-        xf, a, s = self._prepare(x, t, process)
-        r, diff, s2 = self._posterior(xf, a, s)
-        return self._unflat(jnp.einsum("bk,bkd->bd", r, s * diff / s2), x)
+        return self.prediction(x, t, process, "eps")
 
     def prediction(self, x: Array, t: Array, process: NoiseProcess, kind: str = "eps") -> Array:
         """The exact optimal prediction of `kind` (one of DENOISER_KINDS) at (x, t) -> x's shape.
 
-        eps and x0 as above; v = alpha eps - sigma x0; score exact; flow = alpha'(t) x0 + sigma'(t) eps
-        (the flow-matching velocity, derivatives by forward-mode autodiff of the process).
+        x0 = E[x0 | x]; eps = E[eps | x]; v = alpha eps - sigma x0; score = grad log p_t (finite at
+        sigma = 0); flow = alpha'(t) x0 + sigma'(t) eps, the flow-matching velocity, which is also the
+        probability-flow ODE velocity dx/dt of any process (derivatives by forward-mode autodiff).
         """
         _check_kind(kind)
-        if kind == "score":
-            return self.score(x, t, process)
-        xf, a, s = self._prepare(x, t, process)
-        r, diff, s2 = self._posterior(xf, a, s)
-        x0 = jnp.einsum("bk,bkd->bd", r, self.means + a * self.variances * diff / s2)
-        eps = jnp.einsum("bk,bkd->bd", r, s * diff / s2)
-        if kind == "x0":
-            out = x0
-        elif kind == "eps":
-            out = eps
-        elif kind == "v":
-            out = a[:, :, 0] * eps - s[:, :, 0] * x0
-        else:  # flow
-            tt = jnp.broadcast_to(jnp.asarray(t, xf.dtype), (xf.shape[0],))
-            _, da = jax.jvp(process.alpha, (tt,), (jnp.ones_like(tt),))
-            _, ds = jax.jvp(process.sigma, (tt,), (jnp.ones_like(tt),))
-            out = da[:, None] * x0 + ds[:, None] * eps
-        return self._unflat(out, x)
+        self._check_x(x)
+        self._check_t(t, x, process)
+        return _predict_all(self, process, x, t)[kind]
 
     def denoiser(self, process: NoiseProcess, kind: str = "eps") -> Callable[[Array, Array], Array]:
         """A pure `f(x, t) -> prediction` of `kind` for `process`: the interface solvers consume.
@@ -263,64 +241,101 @@ class GaussianMixture:
         """
         check_time(process, t_start)
         check_time(process, t_end)
-        xf = self._flat(x_T)
-        dtype = jnp.result_type(xf.dtype, self.means.dtype)
-        lam_s, norm_s = _lambda_and_norm(process, t_start, dtype)
-        lam_e, norm_e = _lambda_and_norm(process, t_end, dtype)
-        lo, hi = self._lambda_bounds()
-        lam_s, lam_e = jnp.clip(lam_s, lo, hi), jnp.clip(lam_e, lo, hi)
-        w = _integrate_pf_ode(self, xf.astype(dtype) / norm_s, lam_s, lam_e, num_steps)
-        return self._unflat(w * norm_e, x_T)
+        if int(num_steps) < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self._check_x(x_T)
+        for name, t in (("t_start", t_start), ("t_end", t_end)):
+            if jnp.ndim(t) != 0:
+                raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(t)}")
+        return _ode(self, process, x_T, t_start, t_end, int(num_steps))
 
     # -- internals ----------------------------------------------------------------------------------
-    def _lambda_bounds(self):
-        """Truncation of lambda: beyond these the remaining PF-ODE change is below ~e^-40 (relative)."""
-        v_min = jnp.min(self.variances)
-        scale = jnp.max(jnp.abs(self.means)) + jnp.sqrt(jnp.max(self.variances)) + 1.0
-        hi = 0.5 * jnp.log(jnp.maximum(1.0, 1.0 / v_min)) + 20.0
-        lo = -jnp.log(scale) - 40.0
-        return lo, hi
-
-    def _flat(self, x: Array) -> Array:
-        x = jnp.asarray(x)
-        if x.ndim < 1:
-            raise ValueError(f"x must have a batch dimension, got shape {x.shape}")
-        xf = x.reshape(x.shape[0], -1)
-        if xf.shape[1] != self.dim:
-            raise ValueError(f"x of shape {x.shape} has {xf.shape[1]} elements per example; "
+    def _check_x(self, x: Array) -> None:
+        shape = jnp.shape(x)
+        if len(shape) < 1:
+            raise ValueError(f"x must have a batch dimension, got shape {shape}")
+        per_example = int(np.prod(shape[1:], dtype=np.int64))
+        if per_example != self.dim:
+            raise ValueError(f"x of shape {shape} has {per_example} elements per example; "
                              f"the mixture has dimension {self.dim}")
-        return xf
 
-    @staticmethod
-    def _unflat(out: Array, x: Array) -> Array:
-        x = jnp.asarray(x)
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
-        return out.reshape(x.shape).astype(dtype)
-
-    def _prepare(self, x, t, process):
-        """Flatten x to (B, D) in the compute dtype; alpha, sigma as (B, 1, 1) (or scalars)."""
+    def _check_t(self, t, x: Array, process: NoiseProcess) -> None:
         check_time(process, t)
-        xf = self._flat(x)
-        dtype = jnp.result_type(xf.dtype, self.means.dtype)
-        xf = xf.astype(dtype)
-        t = jnp.asarray(t, dtype)
-        tb = broadcast_to_batch(t, xf)                    # () or (B, 1)
-        tb = jnp.broadcast_to(tb, (xf.shape[0], 1))[:, :, None]   # (B, 1, 1)
-        return xf, process.alpha(tb).astype(dtype), process.sigma(tb).astype(dtype)
+        tshape, xshape = jnp.shape(t), jnp.shape(x)
+        if not (tshape == () or tshape == xshape[:1]):
+            raise ValueError(f"time of shape {tshape} does not match a batch of shape {xshape}: "
+                             "expected a scalar or shape (batch,)")
 
-    def _logits(self, xf, a, s):
-        """log w_k + log N(x; a mu_k, a^2 v_k + s^2), (B, K)."""
-        s2 = a ** 2 * self.variances + s ** 2
-        diff = xf[:, None, :] - a * self.means
-        ll = -0.5 * jnp.sum(diff ** 2 / s2 + jnp.log(s2) + _LOG_2PI, axis=-1)
-        return jnp.log(self.weights) + ll
 
-    def _posterior(self, xf, a, s):
-        """Responsibilities r (B, K), residuals x - a mu_k (B, K, D) and variances s_k^2 (B, K, D)."""
-        s2 = a ** 2 * self.variances + s ** 2
-        diff = xf[:, None, :] - a * self.means
-        logits = jnp.log(self.weights) - 0.5 * jnp.sum(diff ** 2 / s2 + jnp.log(s2), axis=-1)
-        return jax.nn.softmax(logits, axis=-1), diff, s2
+# ----------------------------------------------------------------------------------------------------
+# compiled kernels (the mixture and the process are pytree arguments)
+# ----------------------------------------------------------------------------------------------------
+
+def _flatten(mix: GaussianMixture, x: Array) -> Array:
+    """(B, ...) -> (B, D) in the compute dtype (the promotion of x's and the mixture's dtypes)."""
+    x = jnp.asarray(x)
+    return x.reshape(x.shape[0], -1).astype(jnp.result_type(x.dtype, mix.means.dtype))
+
+
+def _restore(out: Array, x: Array) -> Array:
+    """(B, D) -> x's shape, in x's dtype when x is floating."""
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else out.dtype
+    return out.reshape(x.shape).astype(dtype)
+
+
+def _component_stats(mix: GaussianMixture, xf: Array, a: Array, s: Array):
+    """Log-joint log w_k + log N(x; a mu_k, a^2 v_k + s^2) (B, K), residuals x - a mu_k (B, K, D) and
+    component variances s_k^2 = a^2 v_k + s^2 (B, K, D); a, s broadcast against (B, 1, 1)."""
+    s2 = a ** 2 * mix.variances + s ** 2
+    diff = xf[:, None, :] - a * mix.means
+    ll = -0.5 * jnp.sum(diff ** 2 / s2 + jnp.log(s2) + _LOG_2PI, axis=-1)
+    return jnp.log(mix.weights) + ll, diff, s2
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample(mix: GaussianMixture, key: Array, n: int) -> Array:
+    kc, kz = jax.random.split(key)
+    comp = jax.random.categorical(kc, jnp.log(mix.weights), shape=(n,))
+    z = jax.random.normal(kz, (n, mix.means.shape[1]), mix.means.dtype)
+    return mix.means[comp] + jnp.sqrt(mix.variances[comp]) * z
+
+
+@jax.jit
+def _log_prob(mix: GaussianMixture, x: Array) -> Array:
+    logits, _, _ = _component_stats(mix, _flatten(mix, x), 1.0, 0.0)
+    return jax.nn.logsumexp(logits, axis=-1)
+
+
+@jax.jit
+def _predict_all(mix: GaussianMixture, process: NoiseProcess, x: Array, t: Array) -> dict[str, Array]:
+    """x (B, ...), t () or (B,) -> {kind: prediction (x's shape and dtype)} for every DENOISER_KIND,
+    plus "log_prob": log p_t(x) (B,). One compiled kernel serves every kind; under an outer jit the
+    unused outputs are dead code."""
+    xf = _flatten(mix, x)
+    t = jnp.broadcast_to(jnp.asarray(t, xf.dtype), xf.shape[:1])
+    a = process.alpha(t).astype(xf.dtype)[:, None, None]
+    s = process.sigma(t).astype(xf.dtype)[:, None, None]
+    logits, diff, s2 = _component_stats(mix, xf, a, s)
+    r = jax.nn.softmax(logits, axis=-1)
+
+    def mix_mean(per_component):            # sum_k r_k * (B, K, D) -> (B, D)
+        return jnp.einsum("bk,bkd->bd", r, per_component)
+
+    x0 = mix_mean(mix.means + a * mix.variances * diff / s2)
+    eps = mix_mean(s * diff / s2)
+    _, da = jax.jvp(process.alpha, (t,), (jnp.ones_like(t),))
+    _, ds = jax.jvp(process.sigma, (t,), (jnp.ones_like(t),))
+    out = {
+        "x0": x0,
+        "eps": eps,
+        "score": -mix_mean(diff / s2),
+        "v": a[:, :, 0] * eps - s[:, :, 0] * x0,
+        "flow": da.astype(xf.dtype)[:, None] * x0 + ds.astype(xf.dtype)[:, None] * eps,
+    }
+    out = {k: _restore(v, x) for k, v in out.items()}
+    out["log_prob"] = jax.nn.logsumexp(logits, axis=-1)
+    return out
 
 
 def _check_kind(kind: str) -> None:
@@ -335,6 +350,28 @@ def _lambda_and_norm(process: NoiseProcess, t, dtype):
     return la - ls, jnp.exp(0.5 * jnp.logaddexp(2 * la, 2 * ls))
 
 
+def _lambda_bounds(mix: GaussianMixture):
+    """Truncation of lambda: beyond these the remaining PF-ODE change of w is below ~e^-40 relative.
+
+    For lambda -> +inf the right-hand side decays like e^(-2 lambda) / v_min, for lambda -> -inf like
+    e^lambda * (|mu| + sqrt(v) + 1)."""
+    v_min = jnp.min(mix.variances)
+    scale = jnp.max(jnp.abs(mix.means)) + jnp.sqrt(jnp.max(mix.variances)) + 1.0
+    hi = 0.5 * jnp.log(jnp.maximum(1.0, 1.0 / v_min)) + 20.0
+    lo = -jnp.log(scale) - 40.0
+    return lo, hi
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _ode(mix: GaussianMixture, process: NoiseProcess, x: Array, t_start, t_end, num_steps: int) -> Array:
+    xf = _flatten(mix, x)
+    lam_s, norm_s = _lambda_and_norm(process, t_start, xf.dtype)
+    lam_e, norm_e = _lambda_and_norm(process, t_end, xf.dtype)
+    lo, hi = _lambda_bounds(mix)
+    lam_s, lam_e = jnp.clip(lam_s, lo, hi), jnp.clip(lam_e, lo, hi)
+    return _restore(_integrate_pf_ode(mix, xf / norm_s, lam_s, lam_e, num_steps) * norm_e, x)
+
+
 def _pf_rhs(mix: GaussianMixture, w: Array, lam: Array) -> Array:
     """dw/dlambda of the PF-ODE in the VP-normalised state w (B, D) at half-logSNR lam (scalar)."""
     a = jnp.exp(-0.5 * jax.nn.softplus(-2 * lam))       # alpha_vp
@@ -347,7 +384,6 @@ def _pf_rhs(mix: GaussianMixture, w: Array, lam: Array) -> Array:
     return a * s2 * jnp.einsum("bk,bkd->bd", r, comp)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps",))
 def _integrate_pf_ode(mix: GaussianMixture, w: Array, lam_s: Array, lam_e: Array, num_steps: int) -> Array:
     """Classic RK4 for dw/du = lambda'(u) rhs(w, lambda(u)) on a uniform grid in u, lambda = c sinh(u / c).
 
