@@ -33,6 +33,7 @@ Public API: `order_pattern`, `objective`, `optimize`, `optimized_grid`, `cache_k
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -153,6 +154,24 @@ def _log_alpha_sigma(kind, process, lam):
     return process.log_alpha(t), process.log_sigma(t)
 
 
+def _is_pytree(process) -> bool:
+    leaves = jax.tree_util.tree_leaves(process)
+    return not (len(leaves) == 1 and leaves[0] is process)
+
+
+@functools.partial(jax.jit, static_argnames="name")
+def _pcall_jit(process, x, name):
+    return getattr(process, name)(x)
+
+
+def _pcall(process, name, x):
+    """process.<name>(x) as float64 numpy, compiled once per process structure (eager for plain classes)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(x, jnp.float64)
+        out = _pcall_jit(process, x, name) if _is_pytree(process) else getattr(process, name)(x)
+        return np.array(out, np.float64)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the objective (jittable core)
 # ----------------------------------------------------------------------------------------------------
@@ -172,8 +191,7 @@ def _step_terms(lam, logd, orders):
     n = lam.shape[0] - 1
     dt = lam.dtype
     lam_pad = jnp.concatenate([lam[:1] - 2.0, lam[:1] - 1.0, lam])    # dummy nodes: no 0/0 in unused terms
-    s = jnp.arange(n)
-    ls, lp1, lp2 = lam_pad[s + 2], lam_pad[s + 1], lam_pad[s]
+    ls, lp1, lp2 = lam_pad[2:n + 2], lam_pad[1:n + 1], lam_pad[0:n]
     h = lam[1:] - lam[:-1]
     g1 = ls - lp1                # lambda_s - lambda_{s-1}
     g2 = lp1 - lp2               # lambda_{s-1} - lambda_{s-2}
@@ -190,25 +208,37 @@ def _step_terms(lam, logd, orders):
     o = orders[:, None]
     w = jnp.where(o == 1, w1, jnp.where(o == 2, w2, w3))
     m = jnp.arange(3)
-    node = jnp.clip(s[:, None] - m[None, :], 0, n)
     valid = m[None, :] < o
-    logscale = ls[:, None] + logd[node]                 # e^{lambda_s} eps~_node
-    return jnp.where(valid, jnp.exp(jnp.where(valid, logscale, 0.0)) * w, 0.0).astype(dt), node
+    # log eps~ of node s - m, by static shifts (no gathers); invalid (s < m) entries are masked below
+    logd_pad = jnp.concatenate([logd[:1], logd[:1], logd[:n]])
+    logd_node = jnp.stack([logd_pad[2:n + 2], logd_pad[1:n + 1], logd_pad[0:n]], -1)
+    logscale = ls[:, None] + logd_node                   # e^{lambda_s} eps~_node
+    return jnp.where(valid, jnp.exp(jnp.where(valid, logscale, 0.0)) * w, 0.0).astype(dt)
+
+
+def _objective_pair(lam, logd, orders, modes, mu):
+    """(objective smoothed by mu, exact objective) of an increasing lambda grid (N+1,); mu = 0: both exact."""
+    u = _step_terms(lam, logd, orders)
+    n = u.shape[0]
+    acc = jnp.where((modes == _ACCUMULATE)[:, None], u, 0.0)
+    zero = jnp.zeros((2,), u.dtype)
+    # per-node sums c_i = sum_m u[i + m, m]
+    c = acc[:, 0] + jnp.concatenate([acc[1:, 1], zero[:1]]) + jnp.concatenate([acc[2:, 2], zero])[:n]
+    sep = (modes == _SEPARATE)[:, None] & (u != 0)
+    ss = jnp.sum(u * u, axis=1)
+    is_rss = modes == _RSS
+
+    def total(mu):
+        t = jnp.sum(_sabs(c, mu)) + jnp.sum(jnp.where(sep, _sabs(u, mu), 0.0))
+        rss = jnp.sqrt(ss + jnp.where(mu > 0, mu * mu, jnp.where(ss > 0, 0.0, 1.0)))
+        return t + jnp.sum(jnp.where(is_rss, rss, 0.0))
+
+    return total(mu), total(jnp.zeros_like(mu))
 
 
 def _objective_lam(lam, logd, orders, modes, mu):
     """Objective (smoothed by mu; exact for mu = 0) of an increasing lambda grid (N+1,). Scalar."""
-    n = lam.shape[0] - 1
-    u, node = _step_terms(lam, logd, orders)
-    acc = (modes == _ACCUMULATE)[:, None]
-    c = jnp.zeros((n + 1,), lam.dtype).at[node].add(jnp.where(acc, u, 0.0))
-    total = jnp.sum(_sabs(c, mu))
-    sep = (modes == _SEPARATE)[:, None]
-    total += jnp.sum(jnp.where(sep & (u != 0), _sabs(u, mu), 0.0))
-    ss = jnp.sum(u * u, axis=1)
-    rss = jnp.sqrt(ss + jnp.where(mu > 0, mu * mu, jnp.where(ss > 0, 0.0, 1.0)))
-    total += jnp.sum(jnp.where(modes == _RSS, rss, 0.0))
-    return total
+    return _objective_pair(lam, logd, orders, modes, jnp.asarray(mu, lam.dtype))[0]
 
 
 def _lam_from_z(z, lam0, lam1):
@@ -228,6 +258,104 @@ def _z_from_lam(lam):
     return z - z.mean()
 
 
+
+# ----------------------------------------------------------------------------------------------------
+# a compact L-BFGS (two-loop recursion, Armijo backtracking); the memory is kept newest-first so every
+# index is static (no gathers), which keeps the compiled graph small
+# ----------------------------------------------------------------------------------------------------
+
+_MEMORY = 8
+
+
+def _lbfgs_direction(g, S, Y, rho, count):
+    """-H g by the two-loop recursion over `count` stored pairs (row 0 newest); steepest descent if none."""
+    q = g
+    alphas = []
+    for i in range(_MEMORY):
+        use = i < count
+        a = jnp.where(use, rho[i] * jnp.dot(S[i], q), 0.0)
+        q = q - a * Y[i]
+        alphas.append(a)
+    yy = jnp.dot(Y[0], Y[0])
+    gn = jnp.maximum(jnp.sqrt(jnp.dot(g, g)), 1e-300)
+    gamma = jnp.where(count > 0, jnp.dot(S[0], Y[0]) / jnp.where(yy > 0, yy, 1.0), 1.0 / gn)
+    r = gamma * q
+    for i in reversed(range(_MEMORY)):
+        use = i < count
+        b = rho[i] * jnp.dot(Y[i], r)
+        r = jnp.where(use, r + S[i] * (alphas[i] - b), r)
+    d = -r
+    slope = jnp.dot(d, g)
+    bad = ~(slope < 0) | ~jnp.all(jnp.isfinite(d))
+    d = jnp.where(bad, -g / gn, d)
+    return d, jnp.where(bad, -gn, slope), bad
+
+
+def _minimize_stage(fun_pair, x0, best_x, best_f, maxiter, gtol, ftol, c1=1e-4, max_backtrack=40):
+    """L-BFGS on fun_pair(x) -> (value, exact objective) from x0; tracks the best iterate by the exact value.
+
+    Returns (x, best_x, best_f, iterations, done)."""
+    fun = lambda x: fun_pair(x)[0]                                 # noqa: E731
+    vg = jax.value_and_grad(fun_pair, has_aux=True)
+    n = x0.shape[0]
+    dt = x0.dtype
+
+    def cond(c):
+        return (c["it"] < maxiter + 1) & ~c["done"]
+
+    def body(c):
+        x, f, g, fresh = c["x"], c["f"], c["g"], c["it"] == 0
+        d, slope, reset = _lbfgs_direction(g, c["S"], c["Y"], c["rho"], c["count"])
+
+        def ls_cond(l):
+            t, ft, k = l
+            return (k < max_backtrack) & ~(jnp.isfinite(ft) & (ft <= f + c1 * t * slope)) & ~fresh
+
+        def ls_body(l):
+            t, _, k = l
+            t = jnp.where(k == 0, 1.0, 0.5 * t)
+            return t, fun(x + t * d), k + 1
+
+        t, ft, _ = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones((), dt), jnp.asarray(jnp.inf, dt),
+                                                          jnp.zeros((), jnp.int32)))
+        ok = jnp.isfinite(ft) & (ft <= f + c1 * t * slope) & ~fresh
+        xn = jnp.where(ok, x + t * d, x)
+        (fn, fe), gnew = vg(xn)
+        finite = jnp.isfinite(fn) & jnp.isfinite(fe) & jnp.all(jnp.isfinite(gnew))
+        better = finite & (fe < c["bf"])
+        bx = jnp.where(better, xn, c["bx"])
+        bf = jnp.where(better, fe, c["bf"])
+        s_ = xn - x
+        y_ = gnew - g
+        sy = jnp.dot(s_, y_)
+        store = ok & finite & (sy > 1e-12 * jnp.sqrt(jnp.dot(s_, s_) * jnp.dot(y_, y_)))
+        count = jnp.where(reset, 0, c["count"])
+        S = jnp.where(store, jnp.concatenate([s_[None], c["S"][:-1]]), c["S"])
+        Y = jnp.where(store, jnp.concatenate([y_[None], c["Y"][:-1]]), c["Y"])
+        rho = jnp.where(store, jnp.concatenate([(1.0 / jnp.where(sy != 0, sy, 1.0))[None], c["rho"][:-1]]),
+                        c["rho"])
+        count = jnp.where(store, jnp.minimum(count + 1, _MEMORY), count)
+        # a failed line search with an empty memory: no descent found along -g, stop
+        stuck = ~fresh & ~ok & (c["count"] == 0)
+        count = jnp.where(ok | fresh, count, 0)       # failed line search: drop the memory, retry along -g
+        fval = jnp.where(finite, fn, f)
+        it = c["it"] + 1
+        check = it % _WINDOW == 0
+        stalled = check & (c["ref"] - fval <= ftol * jnp.abs(fval))
+        ref = jnp.where(check, fval, c["ref"])
+        gn = jnp.sqrt(jnp.dot(gnew, gnew))
+        done = (finite & (gn <= gtol)) | stalled | stuck | (fresh & ~finite)
+        return {"x": jnp.where(finite, xn, x), "f": fval, "g": jnp.where(finite, gnew, g), "S": S, "Y": Y,
+                "rho": rho, "count": count, "it": it, "bx": bx, "bf": bf, "ref": ref, "done": done}
+
+    init = {"x": x0, "f": jnp.asarray(jnp.inf, dt), "g": jnp.zeros_like(x0), "S": jnp.zeros((_MEMORY, n), dt),
+            "Y": jnp.zeros((_MEMORY, n), dt), "rho": jnp.zeros((_MEMORY,), dt), "count": jnp.zeros((), jnp.int32),
+            "it": jnp.zeros((), jnp.int32), "bx": best_x, "bf": best_f, "ref": jnp.asarray(jnp.inf, dt),
+            "done": jnp.zeros((), bool)}
+    c = jax.lax.while_loop(cond, body, init)
+    return c["x"], c["bx"], c["bf"], c["it"] - 1, c["done"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the optimizer (one compiled function per (N, number of inits, process kind))
 # ----------------------------------------------------------------------------------------------------
@@ -236,63 +364,60 @@ _TRACES = {"count": 0}
 
 
 def trace_count() -> int:
-    """How many times the optimizer has been traced (compiled) in this process; for recompilation checks."""
+    """How many times the optimizer has been traced and compiled in this process (recompilation checks)."""
     return _TRACES["count"]
 
 
-def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
-    def logd_of(lam):
-        la, ls = _log_alpha_sigma(kind, process, lam)
-        return p * ls - la
-
-    def exact(z):
+def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method):
+    def pair(z, mu):
         lam = _lam_from_z(z, lam0, lam1)
-        return _objective_lam(lam, logd_of(lam), orders, modes, 0.0)
+        la, ls = _log_alpha_sigma(kind, process, lam)
+        return _objective_pair(lam, p * ls - la, orders, modes, mu)
 
-    f_init = exact(z0)
+    f_init = pair(z0, jnp.zeros((), z0.dtype))[1]
     ok0 = jnp.isfinite(f_init) & (f_init > 0)
     scale = jnp.where(ok0, f_init, 1.0)
-    opt = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=40))
+    if method == "optax":
+        opt = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=40))
 
     def stage(carry, mu_rel):
         z_start, best_z, best_f, all_conv, n_it = carry
         mu = mu_rel * scale / orders.shape[0]
-
-        def fun(z):
-            lam = _lam_from_z(z, lam0, lam1)
-            return _objective_lam(lam, logd_of(lam), orders, modes, mu) / scale
-
-        vg = optax.value_and_grad_from_state(fun)
         # the polish stage (mu = 0) restarts from the best exact iterate
         z = jnp.where(mu_rel > 0, z_start, best_z)
-        state = opt.init(z)
+        if method == "lbfgs":
+            def fun_pair(z):
+                v, e = pair(z, mu)
+                return v / scale, e
+            z, best_z, best_f, it, done = _minimize_stage(fun_pair, z, best_z, best_f, maxiter, gtol, ftol)
+        else:
+            fun = lambda z: pair(z, mu)[0] / scale                # noqa: E731
+            vg = optax.value_and_grad_from_state(fun)
 
-        def cond(c):
-            return (c[2] < maxiter) & ~c[6]
+            def cond(c):
+                return (c[2] < maxiter) & ~c[6]
 
-        def body(c):
-            z, st, it, bz, bf, ref, done = c
-            v, g = vg(z, state=st)
-            upd, st2 = opt.update(g, st, z, value=v, grad=g, value_fn=fun)
-            zn = optax.apply_updates(z, upd)
-            vn = optax.tree_utils.tree_get(st2, "value")
-            fe = exact(zn)
-            finite = jnp.isfinite(fe) & jnp.isfinite(vn) & jnp.all(jnp.isfinite(zn))
-            better = finite & (fe < bf)
-            bz = jnp.where(better, zn, bz)
-            bf = jnp.where(better, fe, bf)
-            gn = optax.tree_utils.tree_l2_norm(g)
-            # progress check every _WINDOW iterations on the (smoothed) value being minimized
-            check = (it + 1) % _WINDOW == 0
-            stalled = check & (ref - vn <= ftol * jnp.abs(vn))
-            ref = jnp.where(check, vn, ref)
-            done = (gn <= gtol) | stalled | ~finite
-            zn = jnp.where(finite, zn, bz)
-            return zn, st2, it + 1, bz, bf, ref, done
+            def body(c):
+                z, st, it, bz, bf, ref, done = c
+                v, g = vg(z, state=st)
+                upd, st2 = opt.update(g, st, z, value=v, grad=g, value_fn=fun)
+                zn = optax.apply_updates(z, upd)
+                vn = optax.tree_utils.tree_get(st2, "value")
+                fe = pair(zn, jnp.zeros_like(mu))[1]
+                finite = jnp.isfinite(fe) & jnp.isfinite(vn) & jnp.all(jnp.isfinite(zn))
+                better = finite & (fe < bf)
+                bz = jnp.where(better, zn, bz)
+                bf = jnp.where(better, fe, bf)
+                gn = jnp.sqrt(jnp.sum(g * g))
+                check = (it + 1) % _WINDOW == 0
+                stalled = check & (ref - vn <= ftol * jnp.abs(vn))
+                ref = jnp.where(check, vn, ref)
+                done = (gn <= gtol) | stalled | ~finite
+                return jnp.where(finite, zn, bz), st2, it + 1, bz, bf, ref, done
 
-        init = (z, state, jnp.zeros((), jnp.int32), best_z, best_f, jnp.asarray(jnp.inf, z.dtype),
-                jnp.zeros((), bool))
-        z, _, it, best_z, best_f, _, done = jax.lax.while_loop(cond, body, init)
+            init = (z, opt.init(z), jnp.zeros((), jnp.int32), best_z, best_f, jnp.asarray(jnp.inf, z.dtype),
+                    jnp.zeros((), bool))
+            z, _, it, best_z, best_f, _, done = jax.lax.while_loop(cond, body, init)
         # intermediate smoothing stages may stop at maxiter (they only warm-start the next one);
         # convergence is judged on the last smoothed stage and the exact polish
         all_conv = all_conv & (done | (mu_rel > _MU_STAGES[-2] * 1.5))
@@ -306,28 +431,36 @@ def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, proc
     return lam, best_f, f_init, conv, n_it, per_stage
 
 
-def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
+def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method):
     _TRACES["count"] += 1
 
     def one(z0):
-        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process)
+        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method)
     return jax.vmap(one)(z0s)
 
 
-_solve_jit = jax.jit(_solve_impl, static_argnames=("kind",))
-_solve_jit_generic = jax.jit(_solve_impl, static_argnames=("kind", "process"))
+# XLA's backend optimization level 0 halves the compile time (about 3 s instead of 6 s on 2 CPU cores) and
+# costs little run time: the compiled loop is dominated by tiny kernels and control flow.
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+_EXECUTABLES: dict = {}
+_EXEC_LOCK = threading.Lock()
 
 
-def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
+def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method="lbfgs"):
     args = (jnp.asarray(z0s, jnp.float64), jnp.asarray(lam0, jnp.float64), jnp.asarray(lam1, jnp.float64),
             jnp.asarray(p, jnp.float64), jnp.asarray(orders, jnp.int32), jnp.asarray(modes, jnp.int32),
             jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64), jnp.asarray(ftol, jnp.float64))
-    if kind == "generic":
-        return _solve_jit_generic(*args, kind=kind, process=process)
-    return _solve_jit(*args, kind=kind, process=None)
+    # one executable per (number of inits, N, process kind, method); generic processes also by identity
+    key = (args[0].shape, kind, method, process if kind == "generic" else None)
+    with _EXEC_LOCK:
+        exe = _EXECUTABLES.get(key)
+        if exe is None:
+            fn = jax.jit(functools.partial(_solve_impl, kind=kind, process=process, method=method))
+            exe = fn.lower(*args).compile(compiler_options=_COMPILER_OPTIONS)
+            _EXECUTABLES[key] = exe
+    return exe(*args)
 
 
-_objective_jit = jax.jit(_objective_lam)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,7 +487,7 @@ def _lambda_range(process, t_start, t_end, n_check=4097):
     """Half-logSNR at both ends after checking logSNR is finite and strictly decreasing on a fine grid."""
     with jax.enable_x64(True):
         t = np.linspace(t_start, t_end, n_check)
-        ls = np.asarray(process.logsnr(jnp.asarray(t, jnp.float64)), np.float64)
+        ls = _pcall(process, "logsnr", t)
     if not np.all(np.isfinite(ls)):
         bad = t[~np.isfinite(ls)][0]
         raise ValueError(f"logSNR of {type(process).__name__} is not finite at t={bad} in [{t_end}, {t_start}]")
@@ -406,7 +539,7 @@ def _check_variant(variant, trunc):
 # ----------------------------------------------------------------------------------------------------
 
 def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int = 3, p: float = 1.0,
-              variant: str = "paper", trunc: int = 3, orders: Sequence[int] | None = None,
+              variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
               lower_order_final: bool | str = True) -> float:
     """The exact objective E of a time grid (float64), as minimized by `optimize`.
 
@@ -429,12 +562,24 @@ def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int 
     trunc = _check_variant(variant, trunc)
     pattern = _check_orders(orders, n) if orders is not None else order_pattern(
         solver, order, n, lower_order_final=lower_order_final)
+    kind = _kind(process)
     with jax.enable_x64(True):
-        lam = 0.5 * process.logsnr(jnp.asarray(g, jnp.float64))
-        la, ls = _log_alpha_sigma(_kind(process), process, lam)
-        val = _objective_jit(lam, p * ls - la, jnp.asarray(pattern, jnp.int32),
-                             jnp.asarray(_modes(pattern, variant, trunc), jnp.int32), jnp.float64(0.0))
+        lam = jnp.asarray(0.5 * _pcall(process, "logsnr", g))
+        args = (lam, jnp.float64(p), jnp.asarray(pattern, jnp.int32),
+                jnp.asarray(_modes(pattern, variant, trunc), jnp.int32))
+        if kind == "generic":
+            val = _objective_eval(*args, kind=kind, process=process)
+        else:
+            val = _objective_eval_jit(*args, kind=kind)
         return float(val)
+
+
+def _objective_eval(lam, p, orders, modes, kind, process=None):
+    la, ls = _log_alpha_sigma(kind, process, lam)
+    return _objective_lam(lam, p * ls - la, orders, modes, 0.0)
+
+
+_objective_eval_jit = jax.jit(_objective_eval, static_argnames="kind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -487,9 +632,9 @@ def _init_grids(process, nfe, init, t_start, t_end):
 
 def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
              p: float = 1.0, t_start: float | None = None, t_end: float | None = None, init="all",
-             variant: str = "paper", trunc: int = 3, orders: Sequence[int] | None = None,
+             variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
              lower_order_final: bool | str = True, maxiter: int = 1000, gtol: float = 1e-10,
-             ftol: float = 1e-9, return_info: bool = False):
+             ftol: float = 1e-9, method: str = "lbfgs", return_info: bool = False):
     """Optimized time grid for a multistep solver (Xue et al. 2024), computed in float64 under `jax.jit`.
 
     Args:
@@ -505,6 +650,8 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
       variant: "paper" or "official" (see `objective`); trunc: the official variant's truncNum.
       maxiter: L-BFGS iterations per continuation stage; gtol: gradient tolerance (objective scaled to 1);
         ftol: a stage stops when its value fell by less than ftol (relative) over 20 iterations.
+      method: "lbfgs" (a compact L-BFGS with Armijo backtracking, fast to compile) or "optax"
+        (`optax.lbfgs` with its zoom line search and `optax.value_and_grad_from_state`).
       return_info: also return an `OptimizeInfo`.
     Returns:
       grid: numpy float64 (nfe+1,), strictly decreasing, grid[0] == t_start and grid[-1] == t_end exactly;
@@ -517,13 +664,15 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
     pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
     p = _check_p(p)
     trunc = _check_variant(variant, trunc)
+    if method not in ("lbfgs", "optax"):
+        raise ValueError(f"unknown method {method!r}; choose 'lbfgs' or 'optax'")
     if not isinstance(maxiter, (int, np.integer)) or maxiter < 1:
         raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
     t_start, t_end = _endpoints(process, t_start, t_end)
     lam0, lam1 = _lambda_range(process, t_start, t_end)
     names, inits = _init_grids(process, int(nfe), init, t_start, t_end)
     with jax.enable_x64(True):
-        lam_inits = 0.5 * np.asarray(process.logsnr(jnp.asarray(inits, jnp.float64)), np.float64)
+        lam_inits = 0.5 * _pcall(process, "logsnr", inits)
         lam_inits[:, 0], lam_inits[:, -1] = lam0, lam1
         if not (np.all(np.isfinite(lam_inits)) and np.all(np.diff(lam_inits, axis=1) > 0)):
             raise ValueError("an initial grid has non-finite or non-increasing logSNR")
@@ -531,7 +680,8 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
         kind = _kind(process)
         modes = _modes(pattern, variant, trunc)
         lam, best_f, f_init, conv, n_it, per_stage = jax.device_get(
-            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), float(ftol), kind, process))
+            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), float(ftol), kind, process,
+                   method))
         best_f = np.asarray(best_f, np.float64)
         f_init = np.asarray(f_init, np.float64)
         finite = np.isfinite(best_f)
@@ -545,7 +695,7 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
             converged = False
         if not np.all(np.isfinite(lam_best)) or not np.all(np.diff(lam_best) > 0):
             lam_best, converged = lam_inits[i], False
-        t = np.array(process.t_from_logsnr(jnp.asarray(2 * lam_best, jnp.float64)), np.float64)
+        t = _pcall(process, "t_from_logsnr", 2 * lam_best)
     t[0], t[-1] = t_start, t_end
     if not (np.all(np.isfinite(t)) and np.all(np.diff(t) < 0)):
         # the lambda -> t map lost strictness (too close nodes); fall back to the best initial grid
@@ -586,7 +736,7 @@ def process_key(process: NoiseProcess) -> str:
 
 
 def cache_key(process: NoiseProcess, solver: str, order: int, nfe: int, *, p: float = 1.0, init="all",
-              variant: str = "paper", trunc: int = 3, t_start=None, t_end=None, orders=None,
+              variant: str = "official", trunc: int = 3, t_start=None, t_end=None, orders=None,
               lower_order_final: bool | str = True) -> str:
     """The cache key of an optimized grid (a string)."""
     pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
@@ -630,7 +780,7 @@ def _write_cache(path, entries):
 
 
 def optimized_grid(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
-                   p: float = 1.0, init="all", variant: str = "paper", trunc: int = 3, t_start=None, t_end=None,
+                   p: float = 1.0, init="all", variant: str = "official", trunc: int = 3, t_start=None, t_end=None,
                    orders=None, lower_order_final: bool | str = True, cache_path: str | None = None,
                    write: bool = False, optimize_on_miss: bool = True, label: str | None = None, **kwargs):
     """The optimized grid from the cache, optimizing (and with `write=True` storing it) on a miss.
