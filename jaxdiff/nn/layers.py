@@ -15,6 +15,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype | type
@@ -25,29 +26,41 @@ CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 def make_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], param_dtype, names) -> nnx.Param:
     """Create an ``nnx.Param`` of ``shape`` carrying logical axis ``names`` (one per dimension).
 
-    ``rngs`` may be ``None`` for deterministic initialisers (zeros/ones).
+    ``init(gen, shape) -> array`` receives a ``numpy.random.Generator`` seeded from the next
+    ``rngs.params()`` key (eager construction: no per-shape XLA compilation) or, while tracing
+    (``nnx.eval_shape`` / ``nnx.jit``), the key itself. ``rngs`` may be ``None`` for zeros/ones.
     """
-    key = rngs.params() if rngs is not None else jax.random.key(0)
-    value = init(key, tuple(shape), param_dtype)
+    key = rngs.params() if rngs is not None else None
+    if key is not None and not isinstance(key, jax.core.Tracer):
+        key = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    value = jnp.asarray(init(key, tuple(shape)), param_dtype)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def _uniform(gen, shape, lo, hi):
+    if isinstance(gen, np.random.Generator):
+        return gen.uniform(lo, hi, shape).astype(np.float32)
+    return jax.random.uniform(gen, shape, jnp.float32, lo, hi)
+
+
+def _normal(gen, shape):
+    if isinstance(gen, np.random.Generator):
+        return gen.standard_normal(shape).astype(np.float32)
+    return jax.random.normal(gen, shape, jnp.float32)
 
 
 def _uniform_fan_in(fan_in: int):
     """PyTorch's default init for conv/linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(max(fan_in, 1))
-
-    def init(key, shape, dtype):
-        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-    return init
+    return lambda gen, shape: _uniform(gen, shape, -bound, bound)
 
 
-def _zeros(key, shape, dtype):
-    return jnp.zeros(shape, dtype)
+def _zeros(gen, shape):
+    return jnp.zeros(shape, jnp.float32)
 
 
-def _ones(key, shape, dtype):
-    return jnp.ones(shape, dtype)
+def _ones(gen, shape):
+    return jnp.ones(shape, jnp.float32)
 
 
 class Conv2d(nnx.Module):
@@ -162,7 +175,7 @@ class Embed(nnx.Module):
                  rngs: nnx.Rngs):
         self.dtype = dtype
         self.embedding = make_param(
-            rngs, lambda k, s, d: jax.random.normal(k, s, jnp.float32).astype(d), (num, features),
+            rngs, _normal, (num, features),
             param_dtype, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array) -> jax.Array:

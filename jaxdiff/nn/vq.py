@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.nn.autoencoder import AutoencoderConfig, Decoder, Encoder
-from jaxdiff.nn.layers import Conv2d, Embed
+from jaxdiff.nn.layers import Conv2d, Embed, _uniform, make_param
 
 
 class VectorQuantizer(nnx.Module):
@@ -23,8 +23,8 @@ class VectorQuantizer(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.beta, self.legacy, self.dtype = beta, legacy, dtype
         self.embedding = Embed(num_codes, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embedding.embedding[...] = jax.random.uniform(
-            rngs.params(), (num_codes, dim), jnp.float32, -1.0 / num_codes, 1.0 / num_codes).astype(param_dtype)
+        self.embedding.embedding = make_param(rngs, lambda g, s: _uniform(g, s, -1.0 / num_codes, 1.0 / num_codes),
+                                              (num_codes, dim), param_dtype, ("vocab", "embed"))
 
     def lookup(self, indices: jax.Array) -> jax.Array:
         """Codebook rows for integer ``indices (...)`` -> ``(..., D)``."""
