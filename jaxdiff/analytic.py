@@ -35,20 +35,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import predictions
 from jaxdiff.noise import NoiseProcess, check_time
 
 Array = jax.Array
 
 __all__ = ["GaussianMixture", "DENOISER_KINDS"]
 
-DENOISER_KINDS = ("eps", "x0", "v", "score", "flow")
+DENOISER_KINDS = predictions.KINDS   # ("eps", "x0", "v", "score", "flow")
 
 _LOG_2PI = math.log(2 * math.pi)
 _WARP = 1.0   # lambda = _WARP * sinh(u / _WARP): the RK4 grid is uniform in u
 
 
 def _is_concrete_leaf(a) -> bool:
-    return not isinstance(a, jax.core.Tracer) and isinstance(a, (np.ndarray, jax.Array, list, tuple, float, int))
+    return not isinstance(a, jax.core.Tracer)
 
 
 def _validate(weights, means, variances) -> None:
@@ -74,15 +75,15 @@ def _validate(weights, means, variances) -> None:
         raise ValueError(f"variances must be finite and strictly positive, got minimum {v.min()!r}")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "means", "variances"],
-                   meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class GaussianMixture:
     """Diagonal Gaussian mixture p(x0) = sum_k weights[k] N(x0; means[k], diag(variances[k])).
 
     A frozen dataclass registered as a pytree (all three fields are leaves), so it can be passed
-    through `jit`/`vmap`. Concrete inputs are validated on construction: ValueError for mismatched
-    shapes, negative (or zero) variances, or weights that do not sum to 1.
+    through `jit`/`vmap`/`grad`. Concrete inputs are validated when *you* construct one: ValueError for
+    mismatched shapes, negative (or zero) variances, or weights that do not sum to 1. Pytree
+    unflattening skips the check (unlike `register_dataclass`, which re-runs `__init__`), so gradients
+    and `tree.map` results, which are not valid mixtures, can still be held in this type.
 
     Attributes:
       weights: (K,) mixture weights, non-negative, summing to 1.
@@ -338,9 +339,25 @@ def _predict_all(mix: GaussianMixture, process: NoiseProcess, x: Array, t: Array
     return out
 
 
+def _gm_flatten_with_keys(g: GaussianMixture):
+    names = ("weights", "means", "variances")
+    return tuple((jax.tree_util.GetAttrKey(n), getattr(g, n)) for n in names), None
+
+
+def _gm_unflatten(_aux, leaves) -> GaussianMixture:
+    g = object.__new__(GaussianMixture)          # no __post_init__: leaves may be tracers, grads, ...
+    for name, leaf in zip(("weights", "means", "variances"), leaves):
+        object.__setattr__(g, name, leaf)
+    return g
+
+
+jax.tree_util.register_pytree_with_keys(
+    GaussianMixture, _gm_flatten_with_keys, _gm_unflatten,
+    flatten_func=lambda g: ((g.weights, g.means, g.variances), None))
+
+
 def _check_kind(kind: str) -> None:
-    if kind not in DENOISER_KINDS:
-        raise ValueError(f"unknown prediction kind {kind!r}; choose one of {list(DENOISER_KINDS)}")
+    predictions.check_kind(kind)
 
 
 def _lambda_and_norm(process: NoiseProcess, t, dtype):

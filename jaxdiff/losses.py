@@ -100,7 +100,7 @@ def uniform_discrete_time(key: Array, batch: int, process: NoiseProcess) -> Arra
 def stratified_time(key: Array, batch: int, process: NoiseProcess) -> Array:
     """Low-discrepancy (antithetic) uniform times of VDM: u_i = (u0 + i / batch) mod 1, u0 ~ U[0, 1),
     t = t_min + (t_max - t_min) u, (batch,). Exactly one u_i lies in each stratum [j/B, (j+1)/B);
-    each t_i alone is U[t_min, t_max)."""
+    each t_i alone is U[t_min, t_max). The times are in cyclic order along the batch (not shuffled)."""
     u0 = jax.random.uniform(key, (), _dtype())
     u = jnp.mod(u0 + jnp.arange(batch, dtype=_dtype()) / batch, 1.0)
     return _u_to_t(u, process)
@@ -124,11 +124,8 @@ def logit_normal_time(key: Array, batch: int, process: NoiseProcess, loc: float 
     return _t_from_logsnr_clipped(-2.0 * z, process)
 
 
-def uniform_logsnr_time(key: Array, batch: int, process: NoiseProcess, logsnr_min: float | None = None,
-                        logsnr_max: float | None = None) -> Array:
-    """logsnr ~ U[logsnr_min, logsnr_max] (default: the process's logsnr at t_max and t_min), mapped to t
-    and clipped to [t_min, t_max], (batch,). Raises ValueError when a default bound is infinite."""
-    dtype = _dtype()
+def _logsnr_bounds(process: NoiseProcess, logsnr_min, logsnr_max, dtype):
+    """(logsnr_min, logsnr_max), defaulting to the process's range; ValueError if a bound is infinite."""
     with jax.ensure_compile_time_eval():   # concrete (and checked) even under jit, unless the process is traced
         lo = process.logsnr(jnp.asarray(process.t_max, dtype)) if logsnr_min is None else logsnr_min
         hi = process.logsnr(jnp.asarray(process.t_min, dtype)) if logsnr_max is None else logsnr_max
@@ -136,6 +133,15 @@ def uniform_logsnr_time(key: Array, batch: int, process: NoiseProcess, logsnr_mi
         if not isinstance(v, jax.core.Tracer) and not math.isfinite(float(v)):
             raise ValueError(f"time sampling 'uniform_logsnr': {name} is {float(v)} for this process's range; "
                              f"pass a finite {name}")
+    return lo, hi
+
+
+def uniform_logsnr_time(key: Array, batch: int, process: NoiseProcess, logsnr_min: float | None = None,
+                        logsnr_max: float | None = None) -> Array:
+    """logsnr ~ U[logsnr_min, logsnr_max] (default: the process's logsnr at t_max and t_min), mapped to t
+    and clipped to [t_min, t_max], (batch,). Raises ValueError when a default bound is infinite."""
+    dtype = _dtype()
+    lo, hi = _logsnr_bounds(process, logsnr_min, logsnr_max, dtype)
     u = jax.random.uniform(key, (batch,), dtype)
     return _t_from_logsnr_clipped(lo + (hi - lo) * u, process)
 
@@ -178,6 +184,8 @@ def time_sampler(name: str, process: NoiseProcess, **params: Any) -> Callable[[A
     fn = _check_time_sampling(name, params)
     if name == "uniform_discrete" and not isinstance(process, VPDiscrete):
         raise ValueError(f"time sampling 'uniform_discrete' needs a VPDiscrete process, got {type(process).__name__}")
+    if name == "uniform_logsnr":
+        _logsnr_bounds(process, params.get("logsnr_min"), params.get("logsnr_max"), _dtype())
 
     def sample(key: Array, batch: int) -> Array:
         return fn(key, batch, process, **params)
@@ -334,8 +342,7 @@ def make_denoising_loss(process: NoiseProcess, *, target: str = "eps", time_samp
     """
     time_params, weight_params = dict(time_params or {}), dict(weight_params or {})
     _check_names(target, time_sampling, weighting, reduce, time_params, weight_params)
-    if time_sampling == "uniform_discrete" and not isinstance(process, VPDiscrete):
-        raise ValueError(f"time sampling 'uniform_discrete' needs a VPDiscrete process, got {type(process).__name__}")
+    time_sampler(time_sampling, process, **time_params)     # process-specific checks
 
     def loss(apply_fn: Callable[..., Array], x0: Array, key: Array, *args: Any, **kwargs: Any) -> Array:
         return denoising_loss(apply_fn, x0, key, process, *args, target=target, time_sampling=time_sampling,

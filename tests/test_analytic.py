@@ -277,6 +277,18 @@ def test_jit_vmap_and_shapes(gm3):
     np.testing.assert_allclose(out.reshape(6, 3), gm3.eps_prediction(x4.reshape(6, 3), t, p), rtol=1e-6)
 
 
+def test_mixture_is_a_differentiable_pytree():
+    # grad w.r.t. the mixture's parameters returns a GaussianMixture of gradients (not a valid mixture:
+    # unflattening must not re-validate). One Gaussian: d/dmu log N(x; mu, v) = (x - mu) / v.
+    gm = GaussianMixture(jnp.ones(1), jnp.array([[0.5, -1.0]]), jnp.array([[0.25, 2.0]]))
+    x = jnp.array([[1.0, 1.0], [0.0, -2.0]])
+    g = jax.grad(lambda m: m.log_prob(x).sum())(gm)
+    assert isinstance(g, GaussianMixture)
+    np.testing.assert_allclose(g.means[0], ((x - gm.means[0]) / gm.variances[0]).sum(0), rtol=1e-12)
+    zeros = jax.tree.map(jnp.zeros_like, gm)
+    assert float(zeros.weights.sum()) == 0.0
+
+
 def test_sharded_batch_gives_same_values(gm3):
     devices = np.array(jax.devices()[:8])
     assert devices.size == 8

@@ -239,8 +239,14 @@ def test_uniform_logsnr_time():
     lam = np.asarray(p.logsnr(t))
     lo, hi = float(p.logsnr(p.t_max)), float(p.logsnr(p.t_min))
     assert stats.kstest(lam, stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
+    flow = noise.make_process("flow")
     with pytest.raises(ValueError, match="logsnr_min"):   # flow: logsnr(t_max = 1) = -inf
-        losses.sample_time(jax.random.PRNGKey(0), 4, noise.make_process("flow"), "uniform_logsnr")
+        losses.sample_time(jax.random.PRNGKey(0), 4, flow, "uniform_logsnr")
+    with pytest.raises(ValueError, match="logsnr_min"):   # ... caught when the loss is configured
+        losses.make_denoising_loss(flow, time_sampling="uniform_logsnr")
+    t = losses.sample_time(jax.random.PRNGKey(0), 4000, flow, "uniform_logsnr", logsnr_min=-6.0)
+    assert stats.kstest(np.asarray(flow.logsnr(t)), stats.uniform(-6.0, float(flow.logsnr(flow.t_min)) + 6.0).cdf
+                        ).pvalue > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------
