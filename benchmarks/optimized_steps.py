@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.noise import make_process  # noqa: E402
 from jaxdiff.timesteps import grids  # noqa: E402
-from jaxdiff.timesteps import optimize as _opt_fn  # noqa: E402,F401
-import jaxdiff.timesteps.optimize as opt  # noqa: E402
+import importlib  # noqa: E402
+opt = importlib.import_module("jaxdiff.timesteps.optimize")   # the module (the package re-exports the function)
 from jaxdiff.timesteps._scipy_reference import trust_constr  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

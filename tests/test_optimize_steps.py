@@ -12,7 +12,6 @@ import pytest
 
 from jaxdiff.noise import EDM, NoiseProcess, VPDiscrete, make_process
 from jaxdiff.timesteps import grids
-from jaxdiff.timesteps import optimize as opt_mod   # noqa: F401  (the function, re-exported)
 from jaxdiff.timesteps.optimize import (cache_key, load_cache, objective, optimize, optimized_grid,
                                         order_pattern, trace_count)
 
@@ -141,6 +140,20 @@ def test_order_pattern_matches_solvers():
         for order in (1, 2, 3):
             for steps in range(1, 20):
                 assert list(order_pattern(solver, order, steps)) == np_pattern(solver, order, steps)
+
+
+def test_order_pattern_is_what_jaxdiff_solvers_run():
+    solvers = pytest.importorskip("jaxdiff.solvers")
+    for name in ("unipc", "dpm_solver++"):
+        for order in (1, 2, 3):
+            solver = solvers.make_solver(name, order=order)
+            for steps in range(order, 20):
+                assert tuple(solver.orders(steps)) == order_pattern(name, order, steps), (name, order, steps)
+
+
+def test_package_exports():
+    import jaxdiff.timesteps as ts
+    assert ts.optimize is optimize and ts.optimized_grid is optimized_grid
 
 
 def test_explicit_orders_override_and_validation():
@@ -336,9 +349,9 @@ def test_iteration_limit_warns_and_returns_best_found():
 
 
 def test_cache_miss_optimizes_writes_and_hits(tmp_path, monkeypatch):
+    import importlib
     import json
-
-    import jaxdiff.timesteps.optimize as m
+    m = importlib.import_module("jaxdiff.timesteps.optimize")
     path = str(tmp_path / "grids.json")
     proc = make_process("vp_continuous_linear")
     g1 = optimized_grid(proc, "unipc", 2, 6, p=2.0, cache_path=path, write=True)

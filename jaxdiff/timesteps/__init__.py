@@ -4,3 +4,4 @@ from jaxdiff.timesteps.grids import (FINALS, GRIDS, check_grid, diffusers_indice
 
 __all__ = ["FINALS", "GRIDS", "check_grid", "diffusers_indices", "grid_from_indices", "karras", "make_grid",
            "time_quadratic", "uniform_logsnr", "uniform_t"]
+from jaxdiff.timesteps.optimize import objective, optimize, optimized_grid, order_pattern  # noqa: E402,F401

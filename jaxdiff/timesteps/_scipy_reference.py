@@ -7,6 +7,7 @@ The objective is `jaxdiff.timesteps.optimize`'s own (jitted, float64); the gradi
 """
 from __future__ import annotations
 
+import importlib
 import time
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import LinearConstraint, minimize
 
-from jaxdiff.timesteps import optimize as _opt
+_opt = importlib.import_module("jaxdiff.timesteps.optimize")   # the module; the package re-exports the function
 
 __all__ = ["trust_constr"]
 
