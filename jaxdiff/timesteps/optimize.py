@@ -21,8 +21,8 @@ which the paper minimizes over the interior nodes with the end points fixed. The
 |.| term, and the first `trunc` steps (3 there) add the root-sum-square of their weighted terms instead of
 accumulating them per node.
 
-Here the objective is written in JAX (float64, autodiff gradients) and minimized inside one `jax.jit` call
-with optax's L-BFGS over unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i),
+Here the objective is written in JAX (float64, autodiff gradients) and minimized inside one compiled call
+with L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) over unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i),
 L = lambda_end - lambda_start, so the end points are fixed and the grid is strictly monotone by construction.
 The |.| terms are smoothed (sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the
 exact objective; the best iterate by the *exact* objective is kept. Several initial grids are optimized in
@@ -590,7 +590,8 @@ class OptimizeInfo:
     final_objectives: best reached from each initial grid (k,); best_init: name (or index) of the winner;
     inits: names of the initial grids; converged: whether the winner's run stopped on its tolerances;
     iterations: L-BFGS iterations of the winner (all stages); lambdas: (N+1,) half-logSNR of the grid;
-    orders: the step orders used.
+    orders: the step orders used; stages: per initial grid and continuation stage, (iterations, best exact
+    objective so far, stopped-on-tolerance flag), each (k, stages).
     """
     objective: float
     init_objectives: np.ndarray
