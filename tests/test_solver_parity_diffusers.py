@@ -179,7 +179,7 @@ def test_dpm_solver_multistep(steps, spacing, algorithm, order):
     np.testing.assert_array_equal(idx, sch.timesteps.numpy())
     grid = grid_from_indices(process, idx, final="zero" if final == "zero" else "t_min")
     solver = DPMSolverMultistep(order, prediction="data" if algorithm == "dpmsolver++" else "noise",
-                                lower_final_below=15)
+                                lower_final_below=15, legacy_3m=True)
     assert _rmse(_ours(process, grid, solver, x_T), ref) <= RMSE_TOL
 
 
