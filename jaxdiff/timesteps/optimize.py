@@ -39,6 +39,7 @@ import json
 import math
 import os
 import threading
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -51,7 +52,7 @@ from jaxdiff.noise import EDM, VE, Flow, NoiseProcess, VPCosine, VPDiscrete, VPL
 from jaxdiff.timesteps import grids as _grids
 
 __all__ = ["SOLVERS", "VARIANTS", "INITS", "DEFAULT_CACHE", "OptimizeInfo", "order_pattern", "objective",
-           "optimize", "optimized_grid", "cache_key", "process_key", "load_cache", "trace_count"]
+           "optimize", "optimized_grid", "cache_key", "process_key", "load_cache", "trace_count", "last_build_times"]
 
 SOLVERS = ("dpm_solver++", "unipc")
 VARIANTS = ("paper", "official")
@@ -444,6 +445,12 @@ def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, pr
 _COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 _EXECUTABLES: dict = {}
 _EXEC_LOCK = threading.Lock()
+_LAST_BUILD = {"trace_lower_s": None, "compile_s": None}
+
+
+def last_build_times() -> dict:
+    """Seconds spent tracing+lowering and XLA-compiling the most recently built optimizer executable."""
+    return dict(_LAST_BUILD)
 
 
 def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method="lbfgs"):
@@ -456,7 +463,11 @@ def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process
         exe = _EXECUTABLES.get(key)
         if exe is None:
             fn = jax.jit(functools.partial(_solve_impl, kind=kind, process=process, method=method))
-            exe = fn.lower(*args).compile(compiler_options=_COMPILER_OPTIONS)
+            t0 = time.perf_counter()
+            lowered = fn.lower(*args)
+            t1 = time.perf_counter()
+            exe = lowered.compile(compiler_options=_COMPILER_OPTIONS)
+            _LAST_BUILD.update(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
             _EXECUTABLES[key] = exe
     return exe(*args)
 
