@@ -256,7 +256,11 @@ def write_report(res, stem):
     with open(stem + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
     L = [f"# Optimized time steps — benchmark ({'quick' if res['quick'] else 'full'} run)", "",
-         f"Machine: {res['machine']}. JAX {res['jax']}, float64. Command: `{res['command']}`.", ""]
+         f"Machine: {res['machine']}. JAX {res['jax']}, float64. Command: `{res['command']}`."
+         + (f" Load average (1/5/15 min) at start {', '.join(f'{x:.1f}' for x in res['load_average_start'])}, "
+            f"at end {', '.join(f'{x:.1f}' for x in res['load_average_end'])} on this shared machine: absolute "
+            "times are inflated by other jobs; ours and scipy were measured side by side in the same run."
+            if res.get("load_average_start") else ""), ""]
     s = res["settings_ab"]
     L += ["## (a) time and (b) objective: jaxdiff vs scipy trust-constr", "",
           f"Objective: {s['solver']} order {s['order']}, p={s['p']}, variant '{s['variant']}', process "
@@ -405,6 +409,7 @@ def main(argv=None):
     res = {"quick": quick, "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.platform()}",
            "jax": jax.__version__, "command": "python benchmarks/optimized_steps.py" + (" --quick" if quick else ""),
            "settings_ab": settings_ab, "analytic_scipy": not quick, "notes": []}
+    res["load_average_start"] = list(os.getloadavg())
     t0 = time.perf_counter()
     res["optimizer"] = bench_optimizer([5, 8] if quick else [5, 6, 7, 8, 10, 12, 15], not quick, settings_ab)
     if not args.no_mixture:
@@ -432,6 +437,7 @@ def main(argv=None):
         res["verdict"] = verdict
         res["notes"] = mixture_notes(res)
     res["total_s"] = time.perf_counter() - t0
+    res["load_average_end"] = list(os.getloadavg())
     stem = args.out or os.path.join(RESULTS, "optimized_steps" + (".quick" if quick else ""))
     write_report(res, stem)
     print(f"done in {res['total_s']:.1f} s -> {stem}.md/.json/.png")
