@@ -16,6 +16,11 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+## Set up and run the main job on the embedded default data (sampler comparison on the exact
+## Gaussian-mixture model until train.py lands).
+demo: $(STAMP)
+	$(PY) benchmarks/samplers.py --quick
+
 ## Slow checks (full-size parity, long benchmarks-as-tests).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow tests
