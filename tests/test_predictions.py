@@ -129,3 +129,21 @@ def test_bad_kind():
         to_x0_eps(eps, "noise", x, t, p)
     with pytest.raises(ValueError, match="does not match a batch"):
         to_x0_eps(eps, "eps", x, t[:3], p)
+
+
+def test_conversions_under_jit_vmap_pmap_and_sharding():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    p, x0, eps, t, x = _state("vp_continuous_cosine", b=8)
+
+    def f(x0, eps, x, t):
+        return jnp.stack([convert(from_x0_eps(x0, eps, "v", x, t, p), "v", k, x, t, p) for k in KINDS])
+
+    eager = f(x0, eps, x, t)
+    np.testing.assert_allclose(jax.jit(f)(x0, eps, x, t), eager, rtol=1e-12)
+    vm = jax.vmap(lambda a, b, c, d: f(a[None], b[None], c[None], d[None])[:, 0], out_axes=1)(x0, eps, x, t)
+    np.testing.assert_allclose(vm, eager, rtol=1e-12)
+    pm = jax.pmap(lambda a, b, c, d: f(a[None], b[None], c[None], d[None])[:, 0], out_axes=1)(x0, eps, x, t)
+    np.testing.assert_allclose(pm, eager, rtol=1e-12)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))        # noqa: E731
+    np.testing.assert_allclose(jax.jit(f)(put(x0), put(eps), put(x), put(t)), eager, rtol=1e-12)
