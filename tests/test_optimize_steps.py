@@ -4,9 +4,13 @@ The reference objective below is written from the formulas only (plain numpy loo
 processes' defining equations, the Lagrange weights w_{s,j} = int e^lambda l_j by Gauss-Legendre quadrature
 (not the closed-form H-functions the library uses), and separately the official code's closed form.
 """
+import dataclasses
+import functools
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -136,6 +140,10 @@ def test_order_pattern_matches_solvers():
     assert order_pattern("unipc", 1, 4) == (1, 1, 1, 1)
     assert order_pattern("unipc", 3, 7, lower_order_final=False) == (1, 2, 3, 3, 3, 3, 3)
     assert order_pattern("dpm_solver++", 3, 12, lower_order_final="always")[-2:] == (2, 1)
+    assert order_pattern("dpm_solver++", 3, 12, lower_order_final=15)[-2:] == (2, 1)      # diffusers' rule
+    assert order_pattern("dpm_solver++", 3, 15, lower_order_final=15)[-2:] == (3, 3)
+    with pytest.raises(ValueError, match="lower_order_final"):
+        order_pattern("unipc", 3, 8, lower_order_final="sometimes")
     for solver in ("unipc", "dpm_solver++"):
         for order in (1, 2, 3):
             for steps in range(1, 20):
@@ -147,8 +155,12 @@ def test_order_pattern_is_what_jaxdiff_solvers_run():
     for name in ("unipc", "dpm_solver++"):
         for order in (1, 2, 3):
             solver = solvers.make_solver(name, order=order)
+            # jaxdiff's DPM-Solver++ may use another threshold than the official 10 (diffusers: 15)
+            lof = getattr(solver, "lower_final_below", None) or "always"
             for steps in range(order, 20):
-                assert tuple(solver.orders(steps)) == order_pattern(name, order, steps), (name, order, steps)
+                assert tuple(solver.orders(steps)) == order_pattern(name, order, steps, lower_order_final=lof)
+                if name == "unipc":
+                    assert tuple(solver.orders(steps)) == order_pattern(name, order, steps)
 
 
 def test_package_exports():
@@ -280,22 +292,23 @@ def test_at_least_as_low_as_scipy_all_nfe(solver, variant, p):
 # ------------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["amp"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
 class WigglyProcess(NoiseProcess):
-    """A process whose logSNR rises again on part of (0, 1): not invertible there."""
-    t_min, t_max = 1e-3, 1.0
+    """A custom pytree process whose logSNR rises again near t = 0.5 (not invertible there) when amp > 0.08."""
+    amp: jax.Array = dataclasses.field(default_factory=lambda: jnp.asarray(0.5))
+    t_min = 1e-3
+    t_max = 1.0
 
     def log_alpha(self, t):
-        import jax.numpy as jnp
         return jnp.zeros_like(jnp.asarray(t, float))
 
     def log_sigma(self, t):
-        import jax.numpy as jnp
         t = jnp.asarray(t)
-        return jnp.log(t) - 0.5 * jnp.exp(-((t - 0.5) / 0.02) ** 2)
+        return jnp.log(t) - self.amp * jnp.exp(-((t - 0.5) / 0.02) ** 2)
 
     def t_from_logsnr(self, logsnr):
-        import jax.numpy as jnp
-        return jnp.exp(-0.5 * jnp.asarray(logsnr))
+        return jnp.exp(-0.5 * jnp.asarray(logsnr))     # exact where the bump is negligible (t < 0.3)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -320,10 +333,18 @@ def test_bad_input_raises_before_compiling(call, match):
     assert trace_count() == before
 
 
-def test_non_monotone_range_is_fine_when_avoided():
-    # the same wiggly process is accepted on a range where its logSNR is monotone
-    g = optimize(WigglyProcess(), "unipc", 2, 5, t_start=0.3, t_end=0.01, init="uniform_logsnr")
-    assert np.all(np.diff(g) < 0) and g[0] == 0.3 and g[-1] == 0.01
+def test_custom_pytree_process_on_a_monotone_range():
+    # the same wiggly process is accepted on a range where its logSNR is monotone; it goes through the
+    # generic path (t_from_logsnr inside the compiled optimizer) as a traced pytree: no recompilation for
+    # another instance
+    g1 = optimize(WigglyProcess(), "unipc", 2, 5, t_start=0.3, t_end=0.01, init="uniform_logsnr")
+    assert np.all(np.diff(g1) < 0) and g1[0] == 0.3 and g1[-1] == 0.01
+    # away from the bump the process is EDM (sigma = t, alpha = 1): generic path == EDM's closed form
+    for g in (g1, np.asarray(grids.uniform_t(EDM(), 5, t_start=0.3, t_end=0.01))):
+        np.testing.assert_allclose(objective(WigglyProcess(), g, order=2), objective(EDM(), g, order=2), rtol=1e-9)
+    before = trace_count()
+    g2 = optimize(WigglyProcess(jnp.asarray(0.05)), "unipc", 2, 5, t_start=0.3, t_end=0.01, init="uniform_logsnr")
+    assert trace_count() == before and np.all(np.diff(g2) < 0)
 
 
 def test_nan_objective_returns_finite_grid_with_warning():
@@ -390,6 +411,8 @@ def test_shipped_cache_covers_common_cases(name):
             for nfe in range(5, 16):
                 for p in (1.0, 2.0):
                     assert cache_key(proc, solver, order, nfe, p=p) in entries, (solver, order, nfe, p)
+                    if solver == "dpm_solver++":   # also jaxdiff's / diffusers' rule: lower below 15 steps
+                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=15) in entries
     g = optimized_grid(proc, "unipc", 3, 8, p=1.0, optimize_on_miss=False)
     assert g.shape == (9,) and np.all(np.diff(g) < 0) and g[0] == proc.t_max and g[-1] == proc.t_min
     e = objective(proc, g, solver="unipc", order=3, p=1.0)

@@ -72,29 +72,36 @@ _ACCUMULATE, _SEPARATE, _RSS = 0, 1, 2
 # order pattern
 # ----------------------------------------------------------------------------------------------------
 
-def order_pattern(solver: str, order: int, steps: int, *, lower_order_final: bool | None = True) -> tuple[int, ...]:
+def order_pattern(solver: str, order: int, steps: int, *,
+                  lower_order_final: bool | str | int = True) -> tuple[int, ...]:
     """Order used by each step of a multistep solver, as the official implementations do it.
 
     Step k (1-based) first warms up with order min(k, order) (only k-1 earlier model outputs exist).
-    With `lower_order_final`, the order is further capped by steps + 1 - k (last step first order, the one
+    With lower-order-final, the order is further capped by steps + 1 - k (last step first order, the one
     before at most second order). DPM-Solver++'s official code applies that only when steps < 10; UniPC's
-    always. Pass `lower_order_final=False` to never lower, `True` for the solver's own rule, or "always".
+    always (`lower_order_final=True`, the default, follows these rules).
 
     Args:
       solver: "dpm_solver++" or "unipc".
       order: 1, 2 or 3.
       steps: number of steps (= NFE of these solvers).
-      lower_order_final: True (solver's rule), False, or "always".
+      lower_order_final: True (the solver's official rule), False (never lower), "always", or an integer
+        n: lower only when steps < n (diffusers' DPM-Solver++ and `jaxdiff.solvers.DPMSolverMultistep`'s
+        default use 15 — pass `solver.lower_final_below` to match a jaxdiff solver exactly).
     Returns:
       tuple of `steps` ints in 1..order.
     """
     _check_solver_order(solver, order)
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if lower_order_final not in (True, False, "always"):
-        raise ValueError(f"lower_order_final must be True, False or 'always', got {lower_order_final!r}")
-    lof = lower_order_final == "always" or (
-        lower_order_final is True and (solver == "unipc" or steps < 10))
+    if isinstance(lower_order_final, bool) or lower_order_final == "always":
+        lof = lower_order_final == "always" or (
+            lower_order_final is True and (solver == "unipc" or steps < 10))
+    elif isinstance(lower_order_final, (int, np.integer)) and lower_order_final >= 1:
+        lof = steps < int(lower_order_final)
+    else:
+        raise ValueError(f"lower_order_final must be True, False, 'always' or a positive integer, "
+                         f"got {lower_order_final!r}")
     out = []
     for k in range(1, steps + 1):
         o = min(k, order)
@@ -457,21 +464,37 @@ def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process
     args = (jnp.asarray(z0s, jnp.float64), jnp.asarray(lam0, jnp.float64), jnp.asarray(lam1, jnp.float64),
             jnp.asarray(p, jnp.float64), jnp.asarray(orders, jnp.int32), jnp.asarray(modes, jnp.int32),
             jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64), jnp.asarray(ftol, jnp.float64))
-    # one executable per (number of inits, N, process kind, method); generic processes also by identity
-    key = (args[0].shape, kind, method, process if kind == "generic" else None)
+    # one executable per (number of inits, N, process kind, method). Any other process enters through its
+    # methods: a registered pytree as a traced argument (keyed by its structure and leaf shapes), a plain
+    # object as a compile-time constant (keyed by identity; the cache keeps it alive).
+    proc_arg = None
+    if kind != "generic":
+        pkey = None
+    elif _is_pytree(process):
+        leaves, treedef = jax.tree_util.tree_flatten(process)
+        pkey = ("pytree", treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        proc_arg = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64)
+                                          if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, process)
+    else:
+        pkey = ("object", id(process))
+    key = (args[0].shape, kind, method, pkey)
     with _EXEC_LOCK:
-        exe = _EXECUTABLES.get(key)
-        if exe is None:
-            fn = jax.jit(functools.partial(_solve_impl, kind=kind, process=process, method=method))
+        entry = _EXECUTABLES.get(key)
+        if entry is None:
+            if proc_arg is not None:
+                def fn_(*a):
+                    return _solve_impl(*a[:-1], kind=kind, process=a[-1], method=method)
+            else:
+                def fn_(*a):
+                    return _solve_impl(*a, kind=kind, process=process, method=method)
             t0 = time.perf_counter()
-            lowered = fn.lower(*args)
+            lowered = jax.jit(fn_).lower(*args, *(() if proc_arg is None else (proc_arg,)))
             t1 = time.perf_counter()
             exe = lowered.compile(compiler_options=_COMPILER_OPTIONS)
             _LAST_BUILD.update(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
-            _EXECUTABLES[key] = exe
-    return exe(*args)
-
-
+            entry = (exe, process if pkey and pkey[0] == "object" else None)
+            _EXECUTABLES[key] = entry
+    return entry[0](*args, *(() if proc_arg is None else (proc_arg,)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -551,7 +574,7 @@ def _check_variant(variant, trunc):
 
 def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int = 3, p: float = 1.0,
               variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
-              lower_order_final: bool | str = True) -> float:
+              lower_order_final: bool | str | int = True) -> float:
     """The exact objective E of a time grid (float64), as minimized by `optimize`.
 
     Args:
@@ -645,7 +668,7 @@ def _init_grids(process, nfe, init, t_start, t_end):
 def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
              p: float = 1.0, t_start: float | None = None, t_end: float | None = None, init="all",
              variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
-             lower_order_final: bool | str = True, maxiter: int = 1000, gtol: float = 1e-10,
+             lower_order_final: bool | str | int = True, maxiter: int = 1000, gtol: float = 1e-10,
              ftol: float = 1e-9, method: str = "lbfgs", return_info: bool = False):
     """Optimized time grid for a multistep solver (Xue et al. 2024), computed in float64 under `jax.jit`.
 
@@ -749,7 +772,7 @@ def process_key(process: NoiseProcess) -> str:
 
 def cache_key(process: NoiseProcess, solver: str, order: int, nfe: int, *, p: float = 1.0, init="all",
               variant: str = "official", trunc: int = 3, t_start=None, t_end=None, orders=None,
-              lower_order_final: bool | str = True) -> str:
+              lower_order_final: bool | str | int = True) -> str:
     """The cache key of an optimized grid (a string)."""
     pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
     t_start, t_end = _endpoints(process, t_start, t_end)
@@ -793,7 +816,7 @@ def _write_cache(path, entries):
 
 def optimized_grid(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
                    p: float = 1.0, init="all", variant: str = "official", trunc: int = 3, t_start=None, t_end=None,
-                   orders=None, lower_order_final: bool | str = True, cache_path: str | None = None,
+                   orders=None, lower_order_final: bool | str | int = True, cache_path: str | None = None,
                    write: bool = False, optimize_on_miss: bool = True, label: str | None = None, **kwargs):
     """The optimized grid from the cache, optimizing (and with `write=True` storing it) on a miss.
 
