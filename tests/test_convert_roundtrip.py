@@ -91,3 +91,25 @@ def test_autoencoder_native_export_loads_in_diffusers(tmp_path, kind):
     if kind == "kl":
         cfg = cfg.replace(num_vq_embeddings=256, vq_embed_dim=None)  # VQ-only fields are not exported
     assert again.config == cfg
+
+
+def test_torch_bin_checkpoint_loads_like_safetensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    src = diffusers.VQModel(block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, latent_channels=3,
+                            num_vq_embeddings=8, down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",))
+    src.save_pretrained(str(tmp_path / "st"), safe_serialization=True)
+    src.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    assert os.path.isfile(tmp_path / "bin" / "diffusion_pytorch_model.bin")
+    a, b = load_diffusers(str(tmp_path / "st")), load_diffusers(str(tmp_path / "bin"))
+    la, lb = jax_leaves(a), jax_leaves(b)
+    assert len(la) == len(lb) > 10
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+def jax_leaves(model):
+    import jax
+    return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))]

@@ -118,3 +118,12 @@ def test_timestep_embedding_formula():
     np.testing.assert_allclose(np.asarray(e), expect, rtol=1e-5, atol=1e-5)
     assert e.dtype == jnp.float32
     assert timestep_embedding(t, 7).shape == (3, 7)
+
+
+def test_attention_head_width_option():
+    m = UNet(SMALL.replace(attention_head_dim=8), rngs=nnx.Rngs(0))
+    assert m.down_blocks[1].attentions[0].heads == 4 and m.down_blocks[1].attentions[0].head_dim == 8
+    assert m.mid_block.attentions[0].heads == 4
+    assert m.config.down_heads == (2, 4) and m.config.attention_head_dim is None
+    with pytest.raises(ValueError, match="attention_head_dim=12 does not divide"):
+        UNet(SMALL.replace(attention_head_dim=12), rngs=nnx.Rngs(0))

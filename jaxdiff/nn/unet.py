@@ -39,6 +39,8 @@ class UNetConfig:
         DDPM-style) or ``"cross"`` (SD transformer with cross-attention to ``context``).
         ``up_attention=None`` mirrors ``down_attention``.
       down_heads / up_heads / mid_heads: attention heads per level (head width = channels / heads).
+      attention_head_dim: if set, a fixed head *width* instead: heads = channels // width at every
+        attention layer (overrides the head counts).
       mid_block, mid_attention, mid_num_layers: the bottleneck (``mid_num_layers`` attention +
         residual pairs after a first residual block).
       mid_attn_norm_groups: GroupNorm groups of the mid self-attention (``-1``: ``norm_num_groups``;
@@ -62,6 +64,7 @@ class UNetConfig:
     mid_block: bool = True
     mid_attention: str | None = "self"
     mid_heads: int | None = None
+    attention_head_dim: int | None = None
     mid_num_layers: int = 1
     mid_attn_norm_groups: int | None = -1
     mid_block_scale_factor: float = 1.0
@@ -109,6 +112,15 @@ class UNet(nnx.Module):
             c.up_attention, n, "up_attention")
         down_heads = _per_level(c.down_heads, n, "down_heads")
         up_heads = tuple(reversed(down_heads)) if c.up_heads is None else _per_level(c.up_heads, n, "up_heads")
+        if c.attention_head_dim:
+            w = c.attention_head_dim
+            bad = [ch for ch in chs if ch % w]
+            if bad:
+                raise ValueError(f"attention_head_dim={w} does not divide channels {bad}")
+            down_heads = tuple(ch // w for ch in chs)
+            up_heads = tuple(reversed(down_heads))
+            # store the resolved head counts (what export and the blocks use)
+            c = c.replace(down_heads=down_heads, up_heads=up_heads, mid_heads=chs[-1] // w, attention_head_dim=None)
         for kind in down_attn + up_attn + (c.mid_attention,):
             if kind not in ATTENTION_KINDS:
                 raise ValueError(f"unknown attention kind {kind!r}; expected one of {ATTENTION_KINDS}")
