@@ -358,15 +358,17 @@ def test_nan_objective_returns_finite_grid_with_warning():
 
 def test_iteration_limit_warns_and_returns_best_found():
     proc = make_process("vp_continuous_linear")
-    init = np.asarray(grids.uniform_logsnr(proc, 6))            # an explicit initial grid
+    # explicit initial grids (4 of them: the executable the default init="all" uses)
+    init = np.stack([np.asarray(grids.make_grid(n, proc, 6)) for n in ("karras", "uniform_logsnr", "uniform_t",
+                                                                        "time_quadratic")])
     with pytest.warns(RuntimeWarning, match="did not converge"):
         g, info = optimize(proc, "unipc", 3, 6, maxiter=2, init=init, return_info=True)
     assert np.all(np.isfinite(g)) and np.all(np.diff(g) < 0)
-    assert info.best_init == 0 and not info.converged
-    np.testing.assert_allclose(info.init_objectives[0], objective(proc, init), rtol=1e-9)
+    assert not info.converged and info.inits == (0, 1, 2, 3)
+    np.testing.assert_allclose(info.init_objectives, [objective(proc, x) for x in init], rtol=1e-9)
     assert info.objective <= info.init_objectives.min() * (1 + 1e-12)
     with pytest.raises(ValueError, match="explicit init"):
-        optimize(proc, "unipc", 3, 6, init=init[:-1])
+        optimize(proc, "unipc", 3, 6, init=init[:, :-1])
 
 
 # ------------------------------------------------------------------------------------------------
