@@ -287,6 +287,16 @@ def test_at_least_as_low_as_scipy_all_nfe(solver, variant, p):
         assert info.objective <= ref["objective"] * (1 + 1e-7), (nfe, info.objective, ref["objective"])
 
 
+@pytest.mark.slow
+def test_optax_lbfgs_method_reaches_the_same_optimum():
+    proc = make_process("vp_linear")
+    _, a = optimize(proc, "unipc", 3, 8, p=2.0, return_info=True)
+    _, b = optimize(proc, "unipc", 3, 8, p=2.0, method="optax", return_info=True)
+    np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown method"):
+        optimize(proc, "unipc", 3, 8, method="bfgs")
+
+
 # ------------------------------------------------------------------------------------------------
 # bad input, non-convergence
 # ------------------------------------------------------------------------------------------------

@@ -22,13 +22,18 @@ which the paper minimizes over the interior nodes with the end points fixed. The
 accumulating them per node.
 
 Here the objective is written in JAX (float64, autodiff gradients) and minimized inside one compiled call
-with L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) over unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i),
-L = lambda_end - lambda_start, so the end points are fixed and the grid is strictly monotone by construction.
-The |.| terms are smoothed (sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the
-exact objective; the best iterate by the *exact* objective is kept. Several initial grids are optimized in
-parallel (`vmap`) and the best is returned.
+with L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) over
+unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i), L = lambda_end - lambda_start,
+so the end points are fixed and the grid is strictly monotone by construction. The |.| terms are smoothed
+(sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the exact objective; the best
+iterate by the *exact* objective is kept. Several initial grids are optimized in parallel (`vmap`) and the
+best is returned.
 
-Public API: `order_pattern`, `objective`, `optimize`, `optimized_grid`, `cache_key`, `process_key`.
+The default variant is "official": with exact gradients the paper's per-node objective is minimized by
+degenerate grids whose nodes coalesce (see docs/optimized_steps.md).
+
+Public API: `order_pattern`, `objective`, `optimize`, `optimized_grid`, `cache_key`, `process_key`,
+`load_cache`, `trace_count`, `last_build_times`.
 """
 from __future__ import annotations
 
