@@ -412,6 +412,11 @@ def test_cache_miss_optimizes_writes_and_hits(tmp_path, monkeypatch):
             cache_key(proc, "unipc", 2, 6, p=2.0, init="karras"), cache_key(make_process("edm"), "unipc", 2, 6),
             cache_key(VPDiscrete.from_betas(np.linspace(1e-4, 0.03, 1000)), "unipc", 2, 6)}
     assert len(keys) == 9
+    # a discrete schedule keys the same whether it was built with or without x64 (float32 knots)
+    vp = make_process("vp_linear")
+    vp32 = VPDiscrete(log_alphas=jnp.asarray(np.asarray(vp.log_alphas, np.float32)))
+    assert vp32.log_alphas.dtype == jnp.float32
+    assert cache_key(vp32, "unipc", 3, 8) == cache_key(vp, "unipc", 3, 8)
 
 
 @pytest.mark.parametrize("name", ["vp_linear", "vp_continuous_linear", "edm"])

@@ -760,7 +760,8 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
 # ----------------------------------------------------------------------------------------------------
 
 def process_key(process: NoiseProcess) -> str:
-    """A stable text key of a process: class name and fields (arrays by a SHA-1 of their float64 bytes)."""
+    """A stable text key of a process: class name and fields, arrays by a SHA-1 of their values rounded to
+    float32 (so the key does not depend on whether the process was built with x64 enabled)."""
     parts = []
     if dataclasses.is_dataclass(process):
         for f in dataclasses.fields(process):
@@ -768,8 +769,8 @@ def process_key(process: NoiseProcess) -> str:
             if isinstance(v, (bool, int, float, str)) or v is None:
                 parts.append(f"{f.name}={v!r}")
             else:
-                a = np.ascontiguousarray(np.asarray(v, np.float64))
-                parts.append(f"{f.name}=sha1:{hashlib.sha1(a.tobytes()).hexdigest()[:16]}")
+                a = np.ascontiguousarray(np.asarray(v, np.float32))
+                parts.append(f"{f.name}=f32sha1:{hashlib.sha1(a.tobytes()).hexdigest()[:16]}")
     else:
         raise ValueError(f"cannot key a non-dataclass process {type(process).__name__} for the cache")
     return f"{type(process).__name__}({', '.join(parts)})"
