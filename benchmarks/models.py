@@ -330,8 +330,9 @@ NOTES = [
     "input gradient runs as fast as the forward conv, and the conv kernel gradient, computed as kh*kw matmuls "
     "(custom_vjp in jaxdiff.nn.layers.conv2d), is ~25% faster than XLA:CPU's backward-filter convolution but "
     "still pays for strided input copies. PyTorch (oneDNN) keeps its backward closer to 2.5x its forward.",
-    "VAE: XLA:CPU convolutions at 256x256 with 128-256 channels (up_blocks[2], up_blocks[3] and the encoder's "
-    "first level) are slower than oneDNN; the 32x32/64x64 stages with 512 channels are faster.",
+    "VAE decoder stages: jaxdiff is faster at 32x32 and 64x64 (512 channels: mid_block, up_blocks[0]) and "
+    "about at par to 10% slower at 128x128 and 256x256 (up_blocks[1], up_blocks[2]: large 3x3 convs, where "
+    "XLA:CPU's convolution is slower than oneDNN's); up_blocks[3] went either way between runs.",
 ]
 
 if __name__ == "__main__":
