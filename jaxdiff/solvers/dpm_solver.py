@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched, final_to_zero, lam_at, order_schedule, shift_history
+from jaxdiff.solvers.base import Model, Sched, final_to_zero, lam_at, order_schedule
 
 SOLVER_TYPES = ("midpoint", "taylor")
 
@@ -102,40 +103,60 @@ class DPMSolverMultistep:
         return order_schedule(steps, self.order, lower_order_final=self.lower_order_final,
                               lower_final_below=self.lower_final_below)
 
+    def weights(self, sched: Sched):
+        """Scalar weights of every step: x_{i+1} = a_i x_i + sum_k b_ik m_{i-k} (+ SDE noise), as arrays
+        a (N,), b (N, 3), with m the data (or noise) predictions, newest first. Orders, warm-up and the
+        final step to sigma = 0 are folded in, so a step is one fused elementwise update."""
+        data = self.prediction == "data"
+        midpoint = self.solver_type == "midpoint"
+        orders = jnp.asarray(self.orders(sched.steps))
+        n = sched.steps
+        k2 = 1.0 if self.legacy_3m else 2.0           # legacy: D2 ~ h^2 m''/2 weighted as h^2 m''
+
+        def one(i):
+            ratio, c_t, hh, h = _coeffs(sched, i, i + 1, data, self.sde)
+            r0 = (lam_at(sched, i) - lam_at(sched, i - 1)) / h
+            r1 = (lam_at(sched, i - 1) - lam_at(sched, i - 2)) / h
+            e = jnp.expm1(hh)
+            g1 = e / hh - 1.0
+            g2 = g1 / hh - 0.5
+            zero = jnp.zeros_like(e)
+            g = 0.5 * e if midpoint else g1
+            s = r0 + r1
+            big_p = g1 * (1.0 + r0 / s) + k2 * g2 / s     # total = e m0 + P D1_0 + Q D1_1
+            big_q = -g1 * r0 / s - k2 * g2 / s
+            w = jnp.stack([jnp.stack([e, zero, zero]),
+                           jnp.stack([e + g / r0, -g / r0, zero]),
+                           jnp.stack([e + big_p / r0, -big_p / r0 + big_q / r1, -big_q / r1])])[orders[i] - 1]
+            a, b = ratio, -c_t * w
+            # a final step to sigma = 0 returns alpha_N x0 exactly (the limit of the update)
+            a_n, s_i, a_i = sched.alpha[n], sched.sigma[i], sched.alpha[i]
+            a_z = zero if data else a_n / a_i
+            b_z = jnp.stack([a_n if data else -a_n * s_i / a_i, zero, zero])
+            final = (i == n - 1) & (sched.sigma[n] == 0)
+            return jnp.where(final, a_z, a), jnp.where(final, b_z, b)
+
+        return jax.vmap(one)(jnp.arange(n))
+
     def run(self, model: Model, sched: Sched, x, draw):
         data = self.prediction == "data"
-        orders = jnp.asarray(self.orders(sched.steps))
-        hist0 = jnp.zeros((self.order,) + x.shape, x.dtype)
-        midpoint = self.solver_type == "midpoint"
+        a, b = self.weights(sched)
+        b = b.astype(x.dtype)
+        noise_scale = sched.sigma[1:] * jnp.sqrt(-jnp.expm1(-2.0 * (sched.lam[1:] - sched.lam[:-1])))
+        hist = tuple(jnp.zeros_like(x) for _ in range(self.order - 1))
 
         def step(carry, i):
             x, hist = carry
             p = model(x, i)
-            hist = shift_history(hist, p.x0 if data else p.eps)
-            ratio, c_t, hh, h = _coeffs(sched, i, i + 1, data, self.sde)
-            r0 = (lam_at(sched, i) - lam_at(sched, i - 1)) / h
-            r1 = (lam_at(sched, i - 1) - lam_at(sched, i - 2)) / h
-            m0 = hist[0]
-
-            def first(_):
-                return exp_update(x, ratio, c_t, hh, m0)
-
-            def second(_):
-                return exp_update(x, ratio, c_t, hh, m0, (m0 - hist[1]) / r0, midpoint=midpoint)
-
-            def third(_):
-                d1_0, d1_1 = (m0 - hist[1]) / r0, (hist[1] - hist[2]) / r1
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)          # ~ h^2 m'' / 2
-                return exp_update(x, ratio, c_t, hh, m0, d1, d2 if self.legacy_3m else 2.0 * d2)
-
-            x_new = lax.switch(orders[i] - 1, [first, second, third][: self.order], None)
+            m = (p.x0 if data else p.eps,) + hist
+            x_new = a[i].astype(x.dtype) * x
+            for k in range(self.order):
+                x_new = x_new + b[i, k] * m[k]
             if self.sde:
-                x_new = x_new + sched.sigma[i + 1] * jnp.sqrt(-jnp.expm1(-2.0 * h)) * draw(i)
-            x_new = jnp.where(i == sched.steps - 1, final_to_zero(sched, x_new, p.x0), x_new)
-            return (x_new, hist), None
+                x_new = x_new + noise_scale[i].astype(x.dtype) * draw(i)
+            return (x_new, m[: self.order - 1]), None
 
-        (x, _), _ = lax.scan(step, (x, hist0), jnp.arange(sched.steps))
+        (x, _), _ = lax.scan(step, (x, hist), jnp.arange(sched.steps))
         return x
 
 

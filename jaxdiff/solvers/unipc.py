@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched, final_to_zero, lam_at, order_schedule, shift_history
+from jaxdiff.solvers.base import Model, Sched, lam_at, order_schedule
 
 VARIANTS = ("bh1", "bh2")
 
@@ -83,56 +84,85 @@ class UniPC:
     def orders(self, steps: int) -> tuple[int, ...]:
         return order_schedule(steps, self.order, lower_order_final=self.lower_order_final)
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def weights(self, sched: Sched):
+        """Scalar weights of every step, as arrays over the N steps (K = order):
+
+        corrector  x_i   = cu x_i^P + ca x_{i-1} + sum_k cw_k m_{i-1-k} + ct m_i      (cw: (N, K))
+        predictor  x_i+1 = pa x_i + sum_k pw_k m_{i-k}                                (pw: (N, K))
+
+        with m the data (or noise) predictions; orders, skipped corrections and the final step to sigma = 0
+        are folded in, so each step is two fused elementwise updates."""
         data = self.prediction == "data"
-        n = sched.steps
+        n, k_max = sched.steps, self.order
         orders = jnp.asarray(self.orders(n))
-        correct = jnp.asarray([self.corrector and (i - 1) not in self.disable_corrector for i in range(n)])
-        p_max = self.order
+        correct = jnp.asarray([self.corrector and i > 0 and (i - 1) not in self.disable_corrector
+                               for i in range(n)])
 
-        def frame(s, t):
-            h = sched.lam[t] - sched.lam[s]
+        def frame(s):
+            h = sched.lam[s + 1] - sched.lam[s]
             if data:
-                return sched.sigma[t] / sched.sigma[s], sched.alpha[t], -h, h
-            return sched.alpha[t] / sched.alpha[s], sched.sigma[t], h, h
+                return sched.sigma[s + 1] / sched.sigma[s], sched.alpha[s + 1], -h, h
+            return sched.alpha[s + 1] / sched.alpha[s], sched.sigma[s + 1], h, h
 
-        def update(x_s, hist, s, p, m_t=None):
-            """UniP-p from index s (hist[0] = m_s) to s+1; with m_t, UniC-p instead."""
-            ratio, c_t, hh, h = frame(s, s + 1)
-            m_s = hist[0]
-            xbar = ratio * x_s - c_t * jnp.expm1(hh) * m_s
+        def update(s, p, corrector):
+            """(ratio, w over [m_s, m_{s-1}, ..] (k_max,), w_t) of UniP-p or UniC-p from s to s+1."""
+            ratio, c_t, hh, h = frame(s)
             big_b, b = _b_vector(hh, p, self.variant)
             rks = jnp.stack([(lam_at(sched, s - k) - sched.lam[s]) / h for k in range(1, p)] + [jnp.ones_like(h)])
-            ds = [(hist[k] - m_s) / rks[k - 1] for k in range(1, p)]
-            if m_t is None:
-                if p == 1:
-                    return xbar
-                rho = jnp.full((1,), 0.5, b.dtype) if p == 2 else _rho(rks, b, p - 1)
-            else:
-                ds = ds + [m_t - m_s]
+            if corrector:
                 rho = jnp.full((1,), 0.5, b.dtype) if p == 1 else _rho(rks, b, p)
-            res = sum(rho[k] * ds[k] for k in range(len(ds)))
-            return xbar - c_t * big_b * res
+            else:
+                rho = jnp.zeros((0,), b.dtype) if p == 1 else (
+                    jnp.full((1,), 0.5, b.dtype) if p == 2 else _rho(rks, b, p - 1))
+            w = [-c_t * jnp.expm1(hh)] + [jnp.zeros_like(h)] * (k_max - 1)
+            for k in range(1, p):                           # D_k = (m_{s-k} - m_s) / r_k
+                w[k] = w[k] - c_t * big_b * rho[k - 1] / rks[k - 1]
+                w[0] = w[0] + c_t * big_b * rho[k - 1] / rks[k - 1]
+            w_t = jnp.zeros_like(h)
+            if corrector:                                   # D_t = m_t - m_s
+                w_t = -c_t * big_b * rho[p - 1]
+                w[0] = w[0] + c_t * big_b * rho[p - 1]
+            return ratio, jnp.stack(w), w_t
+
+        def pick(i, s, corrector):
+            rows = [update(s, p, corrector) for p in range(1, k_max + 1)]
+            o = orders[jnp.maximum(s, 0)] - 1
+            return tuple(jnp.stack([r[j] for r in rows])[o] for j in range(3))
+
+        def one(i):
+            ca, cw, ct = pick(i, i - 1, True)
+            on = correct[i]
+            cu = jnp.where(on, 0.0, 1.0)
+            ca, cw, ct = jnp.where(on, ca, 0.0), jnp.where(on, cw, 0.0), jnp.where(on, ct, 0.0)
+            pa, pw, _ = pick(i, i, False)
+            a_n, s_i, a_i = sched.alpha[n], sched.sigma[i], sched.alpha[i]
+            zero = jnp.zeros_like(pa)
+            final = (i == n - 1) & (sched.sigma[n] == 0)    # last step to sigma = 0: alpha_N x0 exactly
+            pa = jnp.where(final, zero if data else a_n / a_i, pa)
+            pw_z = jnp.stack([a_n if data else -a_n * s_i / a_i] + [zero] * (k_max - 1))
+            pw = jnp.where(final, pw_z, pw)
+            return cu, ca, cw, ct, pa, pw
+
+        return jax.vmap(one)(jnp.arange(n))
+
+    def run(self, model: Model, sched: Sched, x, draw):
+        data = self.prediction == "data"
+        k_max = self.order
+        cu, ca, cw, ct, pa, pw = (w.astype(x.dtype) for w in self.weights(sched))
 
         def step(carry, i):
-            x_prev, x_pred, hist = carry          # x_prev: corrected state at i-1; x_pred: predicted state at i
+            x_prev, x_pred, hist = carry          # corrected state at i-1, predicted state at i, m_{i-1}, ..
             p = model(x_pred, i)
             m = p.x0 if data else p.eps
-            if self.corrector:
-                def corr(o):
-                    return lambda _: update(x_prev, hist, i - 1, o, m)
-                x_corr = lax.switch(orders[jnp.maximum(i - 1, 0)] - 1, [corr(o) for o in range(1, p_max + 1)], None)
-                x_cur = jnp.where((i > 0) & correct[i], x_corr, x_pred)
-            else:
-                x_cur = x_pred
-            hist = shift_history(hist, m)
-
-            def pred(o):
-                return lambda _: update(x_cur, hist, i, o)
-            x_next = lax.switch(orders[i] - 1, [pred(o) for o in range(1, p_max + 1)], None)
-            x_next = jnp.where(i == n - 1, final_to_zero(sched, x_next, p.x0), x_next)
+            x_cur = cu[i] * x_pred + ca[i] * x_prev + ct[i] * m
+            for k in range(k_max):
+                x_cur = x_cur + cw[i, k] * hist[k]
+            hist = (m,) + hist[:-1]
+            x_next = pa[i] * x_cur
+            for k in range(k_max):
+                x_next = x_next + pw[i, k] * hist[k]
             return (x_cur, x_next, hist), None
 
-        hist0 = jnp.zeros((p_max,) + x.shape, x.dtype)
-        (_, x, _), _ = lax.scan(step, (x, x, hist0), jnp.arange(n))
+        hist0 = tuple(jnp.zeros_like(x) for _ in range(k_max))
+        (_, x, _), _ = lax.scan(step, (x, x, hist0), jnp.arange(sched.steps))
         return x
