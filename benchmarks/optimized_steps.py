@@ -34,7 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.noise import make_process  # noqa: E402
 from jaxdiff.timesteps import grids  # noqa: E402
 import importlib  # noqa: E402
-opt = importlib.import_module("jaxdiff.timesteps.optimize")   # the module (the package re-exports the function)
+# the modules (the package re-exports functions named like some of them)
+opt = importlib.import_module("jaxdiff.timesteps.optimize")
+cache = importlib.import_module("jaxdiff.timesteps.cache")
 from jaxdiff.timesteps._scipy_reference import trust_constr  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -49,27 +51,27 @@ CACHE_PROCESSES = ("vp_linear", "vp_continuous_linear", "edm")
 
 
 def write_cache(path=None, nfes=range(5, 16)):
-    path = path or opt.DEFAULT_CACHE
+    path = path or cache.DEFAULT_CACHE
     n = 0
     t0 = time.perf_counter()
     for name in CACHE_PROCESSES:
         proc = make_process(name)
         for nfe in nfes:
-            for solver, lof in (("dpm_solver++", True), ("dpm_solver++", 15), ("unipc", True)):
+            for solver, lof in (("dpm_solver++", True), ("dpm_solver++", 10), ("unipc", True)):
                 if lof is not True and opt.order_pattern(solver, 3, nfe, lower_order_final=lof) == \
                         opt.order_pattern(solver, 3, nfe):
-                    continue              # same pattern as the official rule: same key, already there
+                    continue              # same pattern as the default rule: same key, already there
                 for order in (3, 2):
                     for p in (1.0, 2.0):
                         with warnings.catch_warnings(record=True) as w:
                             warnings.simplefilter("always")
-                            opt.optimized_grid(proc, solver, order, nfe, p=p, cache_path=path, write=False,
+                            cache.optimized_grid(proc, solver, order, nfe, p=p, cache_path=path, write=False,
                                                label=name, lower_order_final=lof)
                         if w:
                             print(f"  warning {name} {solver} {order} {nfe} {p}: {w[-1].message}")
                         n += 1
             print(f"{name} nfe {nfe}: {n} grids, {time.perf_counter() - t0:.0f} s", flush=True)
-    opt._write_cache(path, opt.load_cache(path))
+    cache._write_cache(path, cache.load_cache(path))
     print(f"wrote {n} grids to {path}")
 
 
@@ -158,7 +160,7 @@ def bench_mixture(nfes, batch, settings_c):
             assert tuple(solver.orders(nfe)) == opt.order_pattern(sname, 3, nfe, lower_order_final=lof)
             cand = {name: np.asarray(grids.make_grid(name, proc, nfe), np.float64) for name in HAND}
             for label, kw in settings_c["optimized"].items():
-                cand[label] = opt.optimized_grid(proc, sname, 3, nfe, lower_order_final=lof, **kw)
+                cand[label] = cache.optimized_grid(proc, sname, 3, nfe, lower_order_final=lof, **kw)
             for gname, g in cand.items():
                 x = sample(den, proc, x_T, jnp.asarray(g), solver=solver, prediction="eps")
                 rmse = float(jnp.sqrt(jnp.mean((x - ref) ** 2)))

@@ -6,6 +6,7 @@ processes' defining equations, the Lagrange weights w_{s,j} = int e^lambda l_j b
 """
 import dataclasses
 import functools
+import importlib
 import math
 import warnings
 
@@ -16,8 +17,9 @@ import pytest
 
 from jaxdiff.noise import EDM, NoiseProcess, VPDiscrete, make_process
 from jaxdiff.timesteps import grids
-from jaxdiff.timesteps.optimize import (cache_key, load_cache, objective, optimize, optimized_grid,
-                                        order_pattern, trace_count)
+from jaxdiff.timesteps.cache import cache_key, load_cache, optimized_grid
+from jaxdiff.timesteps.objective import objective, order_pattern
+from jaxdiff.timesteps.optimize import optimize, trace_count
 
 # ------------------------------------------------------------------------------------------------
 # independent numpy reference
@@ -46,7 +48,7 @@ def np_pattern(solver, order, steps):
     out = []
     for k in range(1, steps + 1):
         o = min(k, order)
-        if solver == "unipc" or steps < 10:
+        if solver == "unipc" or steps < 15:           # DPM-Solver++: jaxdiff's / diffusers' default rule
             o = min(o, steps + 1 - k)
         out.append(o)
     return out
@@ -133,9 +135,14 @@ def random_grid(rng, name, n):
 def test_order_pattern_matches_solvers():
     assert order_pattern("unipc", 3, 6) == (1, 2, 3, 3, 2, 1)
     assert order_pattern("unipc", 3, 12) == (1, 2) + (3,) * 8 + (2, 1)          # UniPC: always lowered
-    assert order_pattern("dpm_solver++", 3, 9) == (1, 2, 3, 3, 3, 3, 3, 2, 1)    # DPMS: lowered when < 10
-    assert order_pattern("dpm_solver++", 3, 10) == (1, 2) + (3,) * 8            # ... and not at >= 10 steps
-    assert order_pattern("dpm_solver++", 2, 10) == (1,) + (2,) * 9
+    assert order_pattern("dpm_solver++", 3, 9) == (1, 2, 3, 3, 3, 3, 3, 2, 1)    # DPMS: lowered when < 15
+    assert order_pattern("dpm_solver++", 3, 10) == (1, 2) + (3,) * 6 + (2, 1)
+    assert order_pattern("dpm_solver++", 3, 14)[-2:] == (2, 1)
+    assert order_pattern("dpm_solver++", 3, 15) == (1, 2) + (3,) * 13            # ... and not at >= 15 steps
+    assert order_pattern("dpm_solver++", 2, 10) == (1,) + (2,) * 8 + (1,)
+    assert order_pattern("dpm_solver++", 2, 15) == (1,) + (2,) * 14
+    assert order_pattern("dpm_solver++", 3, 10, lower_order_final=10) == (1, 2) + (3,) * 8   # official code
+    assert order_pattern("dpm_solver++", 3, 9, lower_order_final=10)[-2:] == (2, 1)
     assert order_pattern("unipc", 2, 5) == (1, 2, 2, 2, 1)
     assert order_pattern("unipc", 1, 4) == (1, 1, 1, 1)
     assert order_pattern("unipc", 3, 7, lower_order_final=False) == (1, 2, 3, 3, 3, 3, 3)
@@ -155,17 +162,40 @@ def test_order_pattern_is_what_jaxdiff_solvers_run():
     for name in ("unipc", "dpm_solver++"):
         for order in (1, 2, 3):
             solver = solvers.make_solver(name, order=order)
-            # jaxdiff's DPM-Solver++ may use another threshold than the official 10 (diffusers: 15)
             lof = getattr(solver, "lower_final_below", None) or "always"
             for steps in range(order, 20):
+                # the default pattern is what the solver runs by default (DPM-Solver++: below 15 steps) ...
+                assert tuple(solver.orders(steps)) == order_pattern(name, order, steps)
                 assert tuple(solver.orders(steps)) == order_pattern(name, order, steps, lower_order_final=lof)
-                if name == "unipc":
-                    assert tuple(solver.orders(steps)) == order_pattern(name, order, steps)
+    # ... and DPM-Solver++'s threshold is read from the solver, not a second constant
+    dpm = solvers.DPMSolverMultistep()
+    assert dpm.lower_final_below == 15
+    obj_mod = importlib.import_module("jaxdiff.timesteps.objective")
+    assert obj_mod._dpm_lower_final_below() == dpm.lower_final_below
+    for lfb in (10, 15, None):
+        s = solvers.DPMSolverMultistep(order=3, lower_final_below=lfb)
+        for steps in range(3, 20):
+            assert tuple(s.orders(steps)) == order_pattern("dpm_solver++", 3, steps, lower_order_final=lfb or "always")
+
+
+@pytest.mark.parametrize("first", ["jaxdiff.timesteps", "jaxdiff.solvers", "jaxdiff.timesteps.optimize",
+                                   "jaxdiff.timesteps.cache", "jaxdiff.timesteps.objective"])
+def test_no_import_cycle(first):
+    import subprocess
+    import sys
+    code = (f"import importlib; importlib.import_module({first!r}); import jaxdiff.timesteps as ts; "
+            "assert ts.order_pattern('dpm_solver++', 3, 12)[-2:] == (2, 1); "
+            "assert callable(ts.optimize) and callable(ts.objective) and callable(ts.optimized_grid)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_package_exports():
     import jaxdiff.timesteps as ts
     assert ts.optimize is optimize and ts.optimized_grid is optimized_grid
+    assert ts.objective is objective and ts.order_pattern is order_pattern
+    # older imports from the optimize module still work
+    from jaxdiff.timesteps.optimize import cache_key as ck, load_cache as lc, optimized_grid as og
+    assert (ck, lc, og) == (cache_key, load_cache, optimized_grid)
 
 
 def test_explicit_orders_override_and_validation():
@@ -387,9 +417,8 @@ def test_iteration_limit_warns_and_returns_best_found():
 
 
 def test_cache_miss_optimizes_writes_and_hits(tmp_path, monkeypatch):
-    import importlib
     import json
-    m = importlib.import_module("jaxdiff.timesteps.optimize")
+    m = importlib.import_module("jaxdiff.timesteps.cache")
     path = str(tmp_path / "grids.json")
     proc = make_process("vp_continuous_linear")
     g1 = optimized_grid(proc, "unipc", 2, 6, p=2.0, cache_path=path, write=True)
@@ -428,8 +457,11 @@ def test_shipped_cache_covers_common_cases(name):
             for nfe in range(5, 16):
                 for p in (1.0, 2.0):
                     assert cache_key(proc, solver, order, nfe, p=p) in entries, (solver, order, nfe, p)
-                    if solver == "dpm_solver++":   # also jaxdiff's / diffusers' rule: lower below 15 steps
-                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=15) in entries
+                    if solver == "dpm_solver++":   # the default is jaxdiff's / diffusers' rule (below 15) ...
+                        assert cache_key(proc, solver, order, nfe, p=p) == cache_key(
+                            proc, solver, order, nfe, p=p, lower_order_final=15)
+                        # ... and the official code's rule (below 10) is shipped too
+                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=10) in entries
     g = optimized_grid(proc, "unipc", 3, 8, p=1.0, optimize_on_miss=False)
     assert g.shape == (9,) and np.all(np.diff(g) < 0) and g[0] == proc.t_max and g[-1] == proc.t_min
     e = objective(proc, g, solver="unipc", order=3, p=1.0)

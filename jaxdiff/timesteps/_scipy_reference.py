@@ -2,7 +2,7 @@
 DM-NonUniform code (variables lambda_1 .. lambda_{N-1}; `LinearConstraint` lambda_start <= lambda_1 <= ... <=
 lambda_{N-1} <= lambda_end; scipy's defaults otherwise). Used by the tests and the benchmark only.
 
-The objective is `jaxdiff.timesteps.optimize`'s own (jitted, float64); the gradient is either scipy's
+The objective is `jaxdiff.timesteps.objective`'s own (jitted, float64); the gradient is either scipy's
 2-point finite differences (as the official code) or the JAX gradient (`gradient="analytic"`).
 """
 from __future__ import annotations
@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import LinearConstraint, minimize
 
-_opt = importlib.import_module("jaxdiff.timesteps.optimize")   # the module; the package re-exports the function
+# the modules (the package re-exports functions of the same names)
+_obj = importlib.import_module("jaxdiff.timesteps.objective")
+_opt = importlib.import_module("jaxdiff.timesteps.optimize")
 
 __all__ = ["trust_constr"]
 
@@ -29,22 +31,22 @@ def trust_constr(process, solver: str = "unipc", order: int = 3, nfe: int = 10, 
     Returns a dict: grid (nfe+1,) decreasing times, lambdas (nfe+1,), objective (exact, float), init_objective,
     seconds (wall time of `minimize`), nit, nfev, message.
     """
-    pattern = _opt._resolve_pattern(solver, order, nfe, orders, lower_order_final)
-    p = _opt._check_p(p)
-    trunc = _opt._check_variant(variant, trunc)
-    t_start, t_end = _opt._endpoints(process, t_start, t_end)
-    lam0, lam1 = _opt._lambda_range(process, t_start, t_end)
+    pattern = _obj._resolve_pattern(solver, order, nfe, orders, lower_order_final)
+    p = _obj._check_p(p)
+    trunc = _obj._check_variant(variant, trunc)
+    t_start, t_end = _obj._endpoints(process, t_start, t_end)
+    lam0, lam1 = _obj._lambda_range(process, t_start, t_end)
     _, inits = _opt._init_grids(process, int(nfe), init, t_start, t_end)
-    kind = _opt._kind(process)
-    modes = _opt._modes(pattern, variant, trunc)
+    kind = _obj._kind(process)
+    modes = _obj._modes(pattern, variant, trunc)
     with jax.enable_x64(True):
         o = jnp.asarray(pattern, jnp.int32)
         m = jnp.asarray(modes, jnp.int32)
 
         def full(x):
             lam = jnp.concatenate([jnp.asarray([lam0]), x, jnp.asarray([lam1])])
-            la, ls = _opt._log_alpha_sigma(kind, process, lam)
-            return _opt._objective_lam(lam, p * ls - la, o, m, 0.0)
+            la, ls = _obj._log_alpha_sigma(kind, process, lam)
+            return _obj._objective_lam(lam, p * ls - la, o, m, 0.0)
 
         f = jax.jit(full)
         g = jax.jit(jax.grad(full))

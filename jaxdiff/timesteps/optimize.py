@@ -1,48 +1,23 @@
-"""Optimized time steps for multistep solvers (Xue et al., "Accelerating Diffusion Sampling with Optimized
-Time Steps", CVPR 2024).
+"""The optimizer of optimized time steps (Xue et al., CVPR 2024): the objective of `objective.py` minimized
+inside one compiled call.
 
-A multistep data-prediction solver (DPM-Solver++ multistep, UniPC's predictor) integrates
-
-    x_end / sigma_end = x_start / sigma_start + int_{lambda_start}^{lambda_end} e^lambda x_theta(lambda) d lambda
-
-(lambda = logsnr / 2, the half-logSNR) by replacing x_theta on step s, [lambda_s, lambda_{s+1}], with the
-Lagrange polynomial through its k_s most recent nodes lambda_{s-k_s+1} .. lambda_s. Step s thus puts the
-weight
-
-    w_{s,j} = int_{lambda_s}^{lambda_{s+1}} e^lambda l_{s,j}(lambda) d lambda
-
-on node j. If the model's data prediction at node i is off by at most eps~_i = sigma_i^p / alpha_i, the
-final error is bounded by sigma_end times
-
-    E(lambda_1 .. lambda_{N-1}) = sum_i eps~_i |sum_{s,j -> i} w_{s,j}|                        ("paper")
-
-which the paper minimizes over the interior nodes with the end points fixed. The official code
-(scxue/DM-NonUniform `step_optim.py`) minimizes a variant ("official"): every order-1 step is its own
-|.| term, and the first `trunc` steps (3 there) add the root-sum-square of their weighted terms instead of
-accumulating them per node.
-
-Here the objective is written in JAX (float64, autodiff gradients) and minimized inside one compiled call
-with L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) over
+L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) runs over
 unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i), L = lambda_end - lambda_start,
 so the end points are fixed and the grid is strictly monotone by construction. The |.| terms are smoothed
 (sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the exact objective; the best
 iterate by the *exact* objective is kept. Several initial grids are optimized in parallel (`vmap`) and the
-best is returned.
+best is returned; if the optimizer does not converge it warns and returns the best grid found.
 
 The default variant is "official": with exact gradients the paper's per-node objective is minimized by
 degenerate grids whose nodes coalesce (see docs/optimized_steps.md).
 
-Public API: `order_pattern`, `objective`, `optimize`, `optimized_grid`, `cache_key`, `process_key`,
-`load_cache`, `trace_count`, `last_build_times`.
+Public API: `optimize`, `OptimizeInfo`, `trace_count`, `last_build_times` (and, re-exported from
+`objective.py`, `order_pattern` and `objective`; the cache names `optimized_grid`, `cache_key`,
+`process_key`, `load_cache`, `DEFAULT_CACHE` of `cache.py` stay reachable here for older imports).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-import json
-import math
-import os
 import threading
 import time
 import warnings
@@ -53,206 +28,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.noise import EDM, VE, Flow, NoiseProcess, VPCosine, VPDiscrete, VPLinear
+from jaxdiff.noise import NoiseProcess
 from jaxdiff.timesteps import grids as _grids
+from jaxdiff.timesteps.objective import (SOLVERS, VARIANTS, _check_p, _check_variant, _endpoints,  # noqa: F401
+                                         _is_pytree, _kind, _lambda_range, _log_alpha_sigma, _modes,
+                                         _objective_pair, _pcall, _resolve_pattern, objective, order_pattern)
 
-__all__ = ["SOLVERS", "VARIANTS", "INITS", "DEFAULT_CACHE", "OptimizeInfo", "order_pattern", "objective",
-           "optimize", "optimized_grid", "cache_key", "process_key", "load_cache", "trace_count", "last_build_times"]
+__all__ = ["SOLVERS", "VARIANTS", "INITS", "OptimizeInfo", "order_pattern", "objective", "optimize",
+           "trace_count", "last_build_times"]
 
-SOLVERS = ("dpm_solver++", "unipc")
-VARIANTS = ("paper", "official")
 INITS = ("uniform_t", "uniform_logsnr", "time_quadratic", "karras")
-DEFAULT_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimized_grids.json")
 
 # Smoothing levels of the continuation, relative to the mean |term| of the initial grid; 0 = exact polish.
 _MU_STAGES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 0.0)
 _WINDOW = 20        # iterations between progress checks
 _DELTA = 1e-9          # minimum lambda step, as a fraction of the lambda span (keeps the grid strictly monotone)
 
-# step modes of the objective
-_ACCUMULATE, _SEPARATE, _RSS = 0, 1, 2
-
 
 # ----------------------------------------------------------------------------------------------------
-# order pattern
+# reparameterization: unconstrained z -> strictly increasing lambda grid with fixed end points
 # ----------------------------------------------------------------------------------------------------
-
-def order_pattern(solver: str, order: int, steps: int, *,
-                  lower_order_final: bool | str | int = True) -> tuple[int, ...]:
-    """Order used by each step of a multistep solver, as the official implementations do it.
-
-    Step k (1-based) first warms up with order min(k, order) (only k-1 earlier model outputs exist).
-    With lower-order-final, the order is further capped by steps + 1 - k (last step first order, the one
-    before at most second order). DPM-Solver++'s official code applies that only when steps < 10; UniPC's
-    always (`lower_order_final=True`, the default, follows these rules).
-
-    Args:
-      solver: "dpm_solver++" or "unipc".
-      order: 1, 2 or 3.
-      steps: number of steps (= NFE of these solvers).
-      lower_order_final: True (the solver's official rule), False (never lower), "always", or an integer
-        n: lower only when steps < n (diffusers' DPM-Solver++ and `jaxdiff.solvers.DPMSolverMultistep`'s
-        default use 15 — pass `solver.lower_final_below` to match a jaxdiff solver exactly).
-    Returns:
-      tuple of `steps` ints in 1..order.
-    """
-    _check_solver_order(solver, order)
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(lower_order_final, bool) or lower_order_final == "always":
-        lof = lower_order_final == "always" or (
-            lower_order_final is True and (solver == "unipc" or steps < 10))
-    elif isinstance(lower_order_final, (int, np.integer)) and lower_order_final >= 1:
-        lof = steps < int(lower_order_final)
-    else:
-        raise ValueError(f"lower_order_final must be True, False, 'always' or a positive integer, "
-                         f"got {lower_order_final!r}")
-    out = []
-    for k in range(1, steps + 1):
-        o = min(k, order)
-        if lof:
-            o = min(o, steps + 1 - k)
-        out.append(o)
-    return tuple(out)
-
-
-def _check_solver_order(solver, order):
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; the optimized grid supports {list(SOLVERS)}")
-    if order not in (1, 2, 3) or isinstance(order, bool):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-
-
-def _check_orders(orders, steps):
-    o = np.asarray(orders)
-    if o.shape != (steps,) or not np.issubdtype(o.dtype, np.integer):
-        raise ValueError(f"orders must be {steps} integers (one per step), got {orders!r}")
-    for s, k in enumerate(o.tolist()):
-        if not 1 <= k <= 3:
-            raise ValueError(f"orders[{s}] = {k}: orders must lie in 1..3")
-        if k > s + 1:
-            raise ValueError(f"orders[{s}] = {k}: step {s + 1} has only {s + 1} model outputs to interpolate")
-    return tuple(int(k) for k in o)
-
-
-def _modes(orders, variant, trunc):
-    if variant == "paper":
-        return tuple(_ACCUMULATE for _ in orders)
-    return tuple(_SEPARATE if k == 1 else (_RSS if s < trunc else _ACCUMULATE) for s, k in enumerate(orders))
-
-
-# ----------------------------------------------------------------------------------------------------
-# process -> log alpha, log sigma as functions of lambda
-# ----------------------------------------------------------------------------------------------------
-
-def _kind(process):
-    if isinstance(process, (VPDiscrete, VPLinear, VPCosine)):
-        return "vp"
-    if isinstance(process, (EDM, VE)):
-        return "unit_alpha"
-    if isinstance(process, Flow):
-        return "flow"
-    return "generic"
-
-
-def _log_alpha_sigma(kind, process, lam):
-    """(log alpha, log sigma) at half-logSNR lam; closed forms where the family fixes them."""
-    if kind == "vp":          # alpha^2 + sigma^2 = 1
-        return -0.5 * jax.nn.softplus(-2 * lam), -0.5 * jax.nn.softplus(2 * lam)
-    if kind == "unit_alpha":  # alpha = 1, sigma = e^-lambda
-        return jnp.zeros_like(lam), -lam
-    if kind == "flow":        # alpha = 1 - t, sigma = t, t = sigmoid(-lambda)
-        return jax.nn.log_sigmoid(lam), jax.nn.log_sigmoid(-lam)
-    t = process.t_from_logsnr(2 * lam)
-    return process.log_alpha(t), process.log_sigma(t)
-
-
-def _is_pytree(process) -> bool:
-    leaves = jax.tree_util.tree_leaves(process)
-    return not (len(leaves) == 1 and leaves[0] is process)
-
-
-@functools.partial(jax.jit, static_argnames="name")
-def _pcall_jit(process, x, name):
-    return getattr(process, name)(x)
-
-
-def _pcall(process, name, x):
-    """process.<name>(x) as float64 numpy, compiled once per process structure (eager for plain classes)."""
-    with jax.enable_x64(True):
-        x = jnp.asarray(x, jnp.float64)
-        out = _pcall_jit(process, x, name) if _is_pytree(process) else getattr(process, name)(x)
-        return np.array(out, np.float64)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the objective (jittable core)
-# ----------------------------------------------------------------------------------------------------
-
-def _sabs(u, mu):
-    """|u| smoothed to sqrt(u^2 + mu^2) for mu > 0; exact |u| (with a NaN-free gradient) for mu = 0."""
-    s = jnp.sqrt(u * u + jnp.where(mu > 0, mu * mu, 1.0))
-    return jnp.where(mu > 0, s, jnp.abs(u))
-
-
-def _step_terms(lam, logd, orders):
-    """Weighted Lagrange weights u[s, m] = eps~_{s-m} w_{s, s-m} of every step s on node s-m (m = 0, 1, 2).
-
-    lam (N+1,) increasing, logd (N+1,) = log eps~, orders (N,) ints. Returns (N, 3); entries with m >= order
-    are 0.
-    """
-    n = lam.shape[0] - 1
-    dt = lam.dtype
-    lam_pad = jnp.concatenate([lam[:1] - 2.0, lam[:1] - 1.0, lam])    # dummy nodes: no 0/0 in unused terms
-    ls, lp1, lp2 = lam_pad[2:n + 2], lam_pad[1:n + 1], lam_pad[0:n]
-    h = lam[1:] - lam[:-1]
-    g1 = ls - lp1                # lambda_s - lambda_{s-1}
-    g2 = lp1 - lp2               # lambda_{s-1} - lambda_{s-2}
-    eh = jnp.exp(h)
-    h0 = jnp.expm1(h)            # int_0^h e^u du
-    h1 = h * eh - h0             # int_0^h e^u u du
-    h2 = h * h * eh - 2 * h1     # int_0^h e^u u^2 du
-    zero = jnp.zeros_like(h)
-    w1 = jnp.stack([h0, zero, zero], -1)
-    w2 = jnp.stack([(h1 + g1 * h0) / g1, -h1 / g1, zero], -1)
-    w3 = jnp.stack([(h2 + (2 * g1 + g2) * h1 + g1 * (g1 + g2) * h0) / (g1 * (g1 + g2)),
-                    -(h2 + (g1 + g2) * h1) / (g1 * g2),
-                    (h2 + g1 * h1) / (g2 * (g1 + g2))], -1)
-    o = orders[:, None]
-    w = jnp.where(o == 1, w1, jnp.where(o == 2, w2, w3))
-    m = jnp.arange(3)
-    valid = m[None, :] < o
-    # log eps~ of node s - m, by static shifts (no gathers); invalid (s < m) entries are masked below
-    logd_pad = jnp.concatenate([logd[:1], logd[:1], logd[:n]])
-    logd_node = jnp.stack([logd_pad[2:n + 2], logd_pad[1:n + 1], logd_pad[0:n]], -1)
-    logscale = ls[:, None] + logd_node                   # e^{lambda_s} eps~_node
-    return jnp.where(valid, jnp.exp(jnp.where(valid, logscale, 0.0)) * w, 0.0).astype(dt)
-
-
-def _objective_pair(lam, logd, orders, modes, mu):
-    """(objective smoothed by mu, exact objective) of an increasing lambda grid (N+1,); mu = 0: both exact."""
-    u = _step_terms(lam, logd, orders)
-    n = u.shape[0]
-    acc = jnp.where((modes == _ACCUMULATE)[:, None], u, 0.0)
-    zero = jnp.zeros((2,), u.dtype)
-    # per-node sums c_i = sum_m u[i + m, m]
-    c = acc[:, 0] + jnp.concatenate([acc[1:, 1], zero[:1]]) + jnp.concatenate([acc[2:, 2], zero])[:n]
-    sep = (modes == _SEPARATE)[:, None] & (u != 0)
-    ss = jnp.sum(u * u, axis=1)
-    is_rss = modes == _RSS
-
-    def total(mu):
-        t = jnp.sum(_sabs(c, mu)) + jnp.sum(jnp.where(sep, _sabs(u, mu), 0.0))
-        rss = jnp.sqrt(ss + jnp.where(mu > 0, mu * mu, jnp.where(ss > 0, 0.0, 1.0)))
-        return t + jnp.sum(jnp.where(is_rss, rss, 0.0))
-
-    return total(mu), total(jnp.zeros_like(mu))
-
-
-def _objective_lam(lam, logd, orders, modes, mu):
-    """Objective (smoothed by mu; exact for mu = 0) of an increasing lambda grid (N+1,). Scalar."""
-    return _objective_pair(lam, logd, orders, modes, jnp.asarray(mu, lam.dtype))[0]
-
 
 def _lam_from_z(z, lam0, lam1):
     n = z.shape[0]
@@ -269,7 +64,6 @@ def _z_from_lam(lam):
     frac = np.maximum((frac - _DELTA) / (1 - n * _DELTA), 1e-300)
     z = np.log(frac)
     return z - z.mean()
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -503,123 +297,8 @@ def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process
 
 
 # ----------------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------------
-
-def _endpoints(process, t_start, t_end):
-    if not isinstance(process, NoiseProcess):
-        raise ValueError(f"process must be a jaxdiff NoiseProcess, got {type(process).__name__}")
-    t_start = float(process.t_max) if t_start is None else float(t_start)
-    t_end = float(process.t_min) if t_end is None else float(t_end)
-    lo, hi = float(process.t_min), float(process.t_max)
-    tol = 1e-12 * max(abs(hi), 1.0)
-    for name, t in (("t_start", t_start), ("t_end", t_end)):
-        if not math.isfinite(t) or t < lo - tol or t > hi + tol:
-            raise ValueError(f"{name}={t} is outside the range [t_min, t_max] = [{lo}, {hi}] of "
-                             f"{type(process).__name__}; the optimized grid needs finite logSNR at both ends")
-    if not t_start > t_end:
-        raise ValueError(f"need t_start > t_end, got t_start={t_start}, t_end={t_end}")
-    return t_start, t_end
-
-
-def _lambda_range(process, t_start, t_end, n_check=4097):
-    """Half-logSNR at both ends after checking logSNR is finite and strictly decreasing on a fine grid."""
-    with jax.enable_x64(True):
-        t = np.linspace(t_start, t_end, n_check)
-        ls = _pcall(process, "logsnr", t)
-    if not np.all(np.isfinite(ls)):
-        bad = t[~np.isfinite(ls)][0]
-        raise ValueError(f"logSNR of {type(process).__name__} is not finite at t={bad} in [{t_end}, {t_start}]")
-    d = np.diff(ls)          # t runs from t_start down to t_end, so logSNR must increase along it
-    if not np.all(d > 0):
-        i = int(np.argmax(~(d > 0)))
-        raise ValueError(f"logSNR of {type(process).__name__} is not strictly decreasing on [{t_end}, {t_start}]: "
-                         f"logsnr({t[i + 1]:.6g}) = {ls[i + 1]:.6g} <= logsnr({t[i]:.6g}) = {ls[i]:.6g}; "
-                         "the grid optimizer works in logSNR and needs it monotone")
-    return 0.5 * ls[0], 0.5 * ls[-1]
-
-
-def _resolve_pattern(solver, order, nfe, orders, lower_order_final):
-    _check_solver_order(solver, order)
-    if not isinstance(nfe, (int, np.integer)) or isinstance(nfe, bool) or nfe < 1:
-        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    if orders is None:
-        pattern = order_pattern(solver, order, int(nfe), lower_order_final=lower_order_final)
-        if max(pattern) < order or nfe < 2:
-            need = 2
-            while max(order_pattern(solver, order, need, lower_order_final=lower_order_final)) < order:
-                need += 1
-            raise ValueError(f"nfe={nfe} is too small for {solver} of order {order}: its steps never reach "
-                             f"order {order} (orders {list(pattern)}); use nfe >= {need} or a lower order")
-    else:
-        pattern = _check_orders(orders, int(nfe))
-        if nfe < 2:
-            raise ValueError("nfe must be >= 2: a one-step grid has no free time to optimize")
-    return pattern
-
-
-def _check_p(p):
-    p = float(p)
-    if not math.isfinite(p) or p < 0:
-        raise ValueError(f"p must be a finite number >= 0 (1: pixel models, 2: latent models), got {p}")
-    return p
-
-
-def _check_variant(variant, trunc):
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {list(VARIANTS)}")
-    if not isinstance(trunc, (int, np.integer)) or trunc < 0:
-        raise ValueError(f"trunc must be a non-negative integer, got {trunc!r}")
-    return int(trunc)
-
-
-# ----------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------
-
-def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int = 3, p: float = 1.0,
-              variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
-              lower_order_final: bool | str | int = True) -> float:
-    """The exact objective E of a time grid (float64), as minimized by `optimize`.
-
-    Args:
-      process: noise process.
-      grid: (N+1,) strictly decreasing times t_start .. t_end, all with finite logSNR (N = NFE).
-      solver, order, orders, lower_order_final: the order of each step (see `order_pattern`); `orders`
-        (N,) overrides the solver's pattern.
-      p: error exponent, eps~_t = sigma_t^p / alpha_t (1 for pixel models, 2 for latent models).
-      variant: "paper" (per-node |sum of weights|) or "official" (DM-NonUniform's objective: order-1 steps
-        separate, root-sum-square for the first `trunc` steps).
-    Returns:
-      the objective value (a Python float), without the common factor sigma_end.
-    """
-    g = np.asarray(grid, np.float64)
-    if g.ndim != 1 or g.size < 2 or not np.all(np.diff(g) < 0):
-        raise ValueError("grid must be a 1-D strictly decreasing array of at least 2 times")
-    n = g.size - 1
-    p = _check_p(p)
-    trunc = _check_variant(variant, trunc)
-    pattern = _check_orders(orders, n) if orders is not None else order_pattern(
-        solver, order, n, lower_order_final=lower_order_final)
-    kind = _kind(process)
-    with jax.enable_x64(True):
-        lam = jnp.asarray(0.5 * _pcall(process, "logsnr", g))
-        args = (lam, jnp.float64(p), jnp.asarray(pattern, jnp.int32),
-                jnp.asarray(_modes(pattern, variant, trunc), jnp.int32))
-        if kind == "generic":
-            val = _objective_eval(*args, kind=kind, process=process)
-        else:
-            val = _objective_eval_jit(*args, kind=kind)
-        return float(val)
-
-
-def _objective_eval(lam, p, orders, modes, kind, process=None):
-    la, ls = _log_alpha_sigma(kind, process, lam)
-    return _objective_lam(lam, p * ls - la, orders, modes, 0.0)
-
-
-_objective_eval_jit = jax.jit(_objective_eval, static_argnames="kind")
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizeInfo:
@@ -755,99 +434,13 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
     return t, info
 
 
-# ----------------------------------------------------------------------------------------------------
-# cache
-# ----------------------------------------------------------------------------------------------------
-
-def process_key(process: NoiseProcess) -> str:
-    """A stable text key of a process: class name and fields, arrays by a SHA-1 of their values rounded to
-    float32 (so the key does not depend on whether the process was built with x64 enabled)."""
-    parts = []
-    if dataclasses.is_dataclass(process):
-        for f in dataclasses.fields(process):
-            v = getattr(process, f.name)
-            if isinstance(v, (bool, int, float, str)) or v is None:
-                parts.append(f"{f.name}={v!r}")
-            else:
-                a = np.ascontiguousarray(np.asarray(v, np.float32))
-                parts.append(f"{f.name}=f32sha1:{hashlib.sha1(a.tobytes()).hexdigest()[:16]}")
-    else:
-        raise ValueError(f"cannot key a non-dataclass process {type(process).__name__} for the cache")
-    return f"{type(process).__name__}({', '.join(parts)})"
+# older imports (`from jaxdiff.timesteps.optimize import cache_key, ...`): the cache lives in cache.py, which
+# imports this module, so its names are forwarded lazily
+_CACHE_NAMES = ("DEFAULT_CACHE", "optimized_grid", "cache_key", "process_key", "load_cache")
 
 
-def cache_key(process: NoiseProcess, solver: str, order: int, nfe: int, *, p: float = 1.0, init="all",
-              variant: str = "official", trunc: int = 3, t_start=None, t_end=None, orders=None,
-              lower_order_final: bool | str | int = True) -> str:
-    """The cache key of an optimized grid (a string)."""
-    pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
-    t_start, t_end = _endpoints(process, t_start, t_end)
-    if not isinstance(init, str):
-        if isinstance(init, (tuple, list)) and all(isinstance(i, str) for i in init):
-            init = "+".join(init)
-        else:
-            raise ValueError("explicit initial grids cannot be cached; pass init names")
-    var = variant if variant == "paper" else f"{variant}(trunc={_check_variant(variant, trunc)})"
-    return "|".join([process_key(process), solver, f"order={order}", f"nfe={nfe}", f"p={float(p)!r}",
-                     f"init={init}", f"variant={var}", f"t_start={t_start!r}", f"t_end={t_end!r}",
-                     "orders=" + "".join(map(str, pattern))])
-
-
-_CACHE_LOCK = threading.Lock()
-_LOADED: dict[str, dict] = {}
-
-
-def load_cache(path: str | None = None) -> dict:
-    """The cache file's entries {key: entry} ({} if the file does not exist)."""
-    path = path or DEFAULT_CACHE
-    with _CACHE_LOCK:
-        if path not in _LOADED:
-            if os.path.exists(path):
-                with open(path) as fh:
-                    data = json.load(fh)
-                _LOADED[path] = dict(data.get("entries", {}))
-            else:
-                _LOADED[path] = {}
-        return _LOADED[path]
-
-
-def _write_cache(path, entries):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump({"version": 1, "format": "jaxdiff optimized time grids; see docs/optimized_steps.md",
-                   "entries": dict(sorted(entries.items()))}, fh, indent=1)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def optimized_grid(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *,
-                   p: float = 1.0, init="all", variant: str = "official", trunc: int = 3, t_start=None, t_end=None,
-                   orders=None, lower_order_final: bool | str | int = True, cache_path: str | None = None,
-                   write: bool = False, optimize_on_miss: bool = True, label: str | None = None, **kwargs):
-    """The optimized grid from the cache, optimizing (and with `write=True` storing it) on a miss.
-
-    Args are those of `optimize` plus: cache_path (default: the file shipped with jaxdiff,
-    `jaxdiff/timesteps/optimized_grids.json`); write: store a newly optimized grid in that file;
-    optimize_on_miss: False raises KeyError on a miss instead; label: a readable process name to store.
-    Returns:
-      numpy float64 (nfe+1,) strictly decreasing grid t_start .. t_end.
-    """
-    key = cache_key(process, solver, order, nfe, p=p, init=init, variant=variant, trunc=trunc,
-                    t_start=t_start, t_end=t_end, orders=orders, lower_order_final=lower_order_final)
-    path = cache_path or DEFAULT_CACHE
-    entries = load_cache(path)
-    hit = entries.get(key)
-    if hit is not None:
-        return np.asarray(hit["grid"], np.float64)
-    if not optimize_on_miss:
-        raise KeyError(f"no cached optimized grid for {key}")
-    grid, info = optimize(process, solver, order, nfe, p=p, init=init, variant=variant, trunc=trunc,
-                          t_start=t_start, t_end=t_end, orders=orders, lower_order_final=lower_order_final,
-                          return_info=True, **kwargs)
-    entry = {"grid": [float(x) for x in grid], "objective": info.objective, "best_init": str(info.best_init),
-             "converged": info.converged, "process": label or type(process).__name__}
-    with _CACHE_LOCK:
-        entries[key] = entry
-        if write:
-            _write_cache(path, entries)
-    return grid
+def __getattr__(name):
+    if name in _CACHE_NAMES:
+        from jaxdiff.timesteps import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
