@@ -143,20 +143,25 @@ class DPMSolverMultistep:
         a, b = self.weights(sched)
         b = b.astype(x.dtype)
         noise_scale = sched.sigma[1:] * jnp.sqrt(-jnp.expm1(-2.0 * (sched.lam[1:] - sched.lam[:-1])))
-        hist = tuple(jnp.zeros_like(x) for _ in range(self.order - 1))
+        # Adams-type accumulation without a history of model outputs: acc[j-1] holds the contribution of
+        # past outputs to step i + j - 1, so each new output is folded in once and nothing is shifted.
+        n, k_max = sched.steps, self.order
+        b_future = [jnp.concatenate([b[j:, j], jnp.zeros((j,), b.dtype)]) for j in range(k_max)]  # b_{i+j, j}
+        acc = tuple(jnp.zeros_like(x) for _ in range(k_max - 1))
 
         def step(carry, i):
-            x, hist = carry
+            x, acc = carry
             p = model(x, i)
-            m = (p.x0 if data else p.eps,) + hist
-            x_new = a[i].astype(x.dtype) * x
-            for k in range(self.order):
-                x_new = x_new + b[i, k] * m[k]
+            m = p.x0 if data else p.eps
+            x_new = a[i].astype(x.dtype) * x + b[i, 0] * m
+            if k_max > 1:
+                x_new = x_new + acc[0]
             if self.sde:
                 x_new = x_new + noise_scale[i].astype(x.dtype) * draw(i)
-            return (x_new, m[: self.order - 1]), None
+            acc = tuple(b_future[j][i] * m + (acc[j] if j < k_max - 1 else 0.0) for j in range(1, k_max))
+            return (x_new, acc), None
 
-        (x, _), _ = lax.scan(step, (x, hist), jnp.arange(sched.steps))
+        (x, _), _ = lax.scan(step, (x, acc), jnp.arange(n), unroll=4)
         return x
 
 

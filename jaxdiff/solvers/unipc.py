@@ -164,5 +164,5 @@ class UniPC:
             return (x_cur, x_next, hist), None
 
         hist0 = tuple(jnp.zeros_like(x) for _ in range(k_max))
-        (_, x, _), _ = lax.scan(step, (x, x, hist0), jnp.arange(sched.steps))
+        (_, x, _), _ = lax.scan(step, (x, x, hist0), jnp.arange(sched.steps), unroll=4)
         return x
