@@ -396,6 +396,10 @@ def write_md(res, path):
     if ov:
         s = ov["settings"]
         add("## Solver overhead vs diffusers\n")
+        if "overhead_remeasured_utc" in res:
+            add(f"Re-measured with `{res['overhead_command']}` at {res['overhead_remeasured_utc']} (library "
+                f"{res.get('overhead_library')}); the quality sections below are from `{res['command']}`"
+                f" (library {res.get('library', 'not recorded')}).\n")
         add(f"{s['steps']}-step loop, trivial model `{s['model']}`, batch {tuple(s['shape'])} {s['dtype']}, CPU "
             f"(torch threads {s['torch_threads']}). jaxdiff: {s['jaxdiff_timing']}. diffusers: "
             f"{s['diffusers_timing']}. Model alone: {s['model_alone']}; it is subtracted on each side. "
@@ -586,6 +590,20 @@ def plot_2d(q2, samples, data, nfes, path):
     plt.close(fig)
 
 
+def _git_state():
+    """HEAD and whether jaxdiff/ has uncommitted changes (other engineers edit the same tree)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "jaxdiff"], cwd=root, capture_output=True,
+                               text=True).stdout.split("\n")
+        return {"head": head, "uncommitted_jaxdiff_files": [d[3:] for d in dirty if d.strip()]}
+    except Exception as e:   # no git
+        return {"error": str(e)}
+
+
 def _overhead_subprocess(quick):
     """Run the overhead part in a fresh interpreter without x64 (float32 end to end)."""
     import subprocess
@@ -637,6 +655,7 @@ def main(argv=None):
         res["overhead_s"] = time.perf_counter() - t0
         res["overhead_command"] = "python benchmarks/samplers.py --overhead-only" + (" --quick" if quick else "")
         res["overhead_remeasured_utc"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        res["overhead_library"] = _git_state()
         with open(stem + ".json", "w") as fh:
             json.dump(res, fh, indent=1, default=float)
         write_md(res, stem + ".md")
@@ -652,7 +671,7 @@ def main(argv=None):
            "numpy": np.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "matplotlib": matplotlib.__version__,
            "command": "python benchmarks/samplers.py" + (" --quick" if quick else ""),
-           "solvers": {k: repr(v) for k, v in SOLVERS.items()}, "notes": []}
+           "solvers": {k: repr(v) for k, v in SOLVERS.items()}, "library": _git_state(), "notes": []}
     proc = make_process("vp_linear")
     labels = list(SOLVERS) if not quick else ["DDIM", "DPM-Solver++3M", "UniPC-bh2-3", "DDPM"]
     # (2) overhead first, while nothing else of ours is resident
