@@ -48,8 +48,7 @@ def np_pattern(solver, order, steps):
     out = []
     for k in range(1, steps + 1):
         o = min(k, order)
-        if solver == "unipc" or steps < 15:           # DPM-Solver++: jaxdiff's / diffusers' default rule
-            o = min(o, steps + 1 - k)
+        o = min(o, steps + 1 - k)                     # jaxdiff lowers the final orders always, for both
         out.append(o)
     return out
 
@@ -135,12 +134,13 @@ def random_grid(rng, name, n):
 def test_order_pattern_matches_solvers():
     assert order_pattern("unipc", 3, 6) == (1, 2, 3, 3, 2, 1)
     assert order_pattern("unipc", 3, 12) == (1, 2) + (3,) * 8 + (2, 1)          # UniPC: always lowered
-    assert order_pattern("dpm_solver++", 3, 9) == (1, 2, 3, 3, 3, 3, 3, 2, 1)    # DPMS: lowered when < 15
+    assert order_pattern("dpm_solver++", 3, 9) == (1, 2, 3, 3, 3, 3, 3, 2, 1)    # jaxdiff: always lowered
     assert order_pattern("dpm_solver++", 3, 10) == (1, 2) + (3,) * 6 + (2, 1)
     assert order_pattern("dpm_solver++", 3, 14)[-2:] == (2, 1)
-    assert order_pattern("dpm_solver++", 3, 15) == (1, 2) + (3,) * 13            # ... and not at >= 15 steps
+    assert order_pattern("dpm_solver++", 3, 15) == (1, 2) + (3,) * 11 + (2, 1)   # ... also at >= 15 steps
     assert order_pattern("dpm_solver++", 2, 10) == (1,) + (2,) * 8 + (1,)
-    assert order_pattern("dpm_solver++", 2, 15) == (1,) + (2,) * 14
+    assert order_pattern("dpm_solver++", 2, 15) == (1,) + (2,) * 13 + (1,)
+    assert order_pattern("dpm_solver++", 3, 15, lower_order_final=15) == (1, 2) + (3,) * 13     # diffusers
     assert order_pattern("dpm_solver++", 3, 10, lower_order_final=10) == (1, 2) + (3,) * 8   # official code
     assert order_pattern("dpm_solver++", 3, 9, lower_order_final=10)[-2:] == (2, 1)
     assert order_pattern("unipc", 2, 5) == (1, 2, 2, 2, 1)
@@ -164,12 +164,12 @@ def test_order_pattern_is_what_jaxdiff_solvers_run():
             solver = solvers.make_solver(name, order=order)
             lof = getattr(solver, "lower_final_below", None) or "always"
             for steps in range(order, 20):
-                # the default pattern is what the solver runs by default (DPM-Solver++: below 15 steps) ...
+                # the default pattern is what the solver runs by default (always lowered at the end) ...
                 assert tuple(solver.orders(steps)) == order_pattern(name, order, steps)
                 assert tuple(solver.orders(steps)) == order_pattern(name, order, steps, lower_order_final=lof)
     # ... and DPM-Solver++'s threshold is read from the solver, not a second constant
     dpm = solvers.DPMSolverMultistep()
-    assert dpm.lower_final_below == 15
+    assert dpm.lower_final_below is None
     obj_mod = importlib.import_module("jaxdiff.timesteps.objective")
     assert obj_mod._dpm_lower_final_below() == dpm.lower_final_below
     for lfb in (10, 15, None):
@@ -457,10 +457,11 @@ def test_shipped_cache_covers_common_cases(name):
             for nfe in range(5, 16):
                 for p in (1.0, 2.0):
                     assert cache_key(proc, solver, order, nfe, p=p) in entries, (solver, order, nfe, p)
-                    if solver == "dpm_solver++":   # the default is jaxdiff's / diffusers' rule (below 15) ...
+                    if solver == "dpm_solver++":   # the default is jaxdiff's rule (always) ...
                         assert cache_key(proc, solver, order, nfe, p=p) == cache_key(
-                            proc, solver, order, nfe, p=p, lower_order_final=15)
-                        # ... and the official code's rule (below 10) is shipped too
+                            proc, solver, order, nfe, p=p, lower_order_final="always")
+                        # ... and diffusers' (below 15) and the official code's (below 10) rules are shipped too
+                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=15) in entries
                         assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=10) in entries
     g = optimized_grid(proc, "unipc", 3, 8, p=1.0, optimize_on_miss=False)
     assert g.shape == (9,) and np.all(np.diff(g) < 0) and g[0] == proc.t_max and g[-1] == proc.t_min

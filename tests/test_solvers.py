@@ -207,6 +207,17 @@ def test_sharded_and_pmap_match_single_device():
     np.testing.assert_allclose(vm, single, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", [DDIM(), DDIM(eta=0.5, time_stride=0.02), DDPM(), Euler(), Heun(s_churn=5.0),
+                                    IPNDM(), DPMSolverMultistep(3), DPMSolverMultistep(2, sde=True),
+                                    DPMSolverSinglestep(3), UniPC(3)])
+def test_float32_state_with_x64_enabled(solver):
+    """x64 is on in the tests; a float32 x_T still runs in float32 (the process computes in float64)."""
+    den = _smooth_mixture().denoiser(PROCESS, "eps")
+    x = sample(den, PROCESS, X_T.astype(jnp.float32), make_grid("uniform_logsnr", PROCESS, 6, final="zero"),
+               solver=solver, key=jax.random.PRNGKey(0), threshold=Threshold("dynamic"))
+    assert x.dtype == jnp.float32 and np.isfinite(np.asarray(x)).all()
+
+
 def test_float32_model_runs_in_float32():
     den = _smooth_mixture().denoiser(PROCESS, "eps")
     x = sample(lambda x, t: den(x, t).astype(jnp.bfloat16), PROCESS, X_T.astype(jnp.bfloat16),

@@ -87,7 +87,7 @@ class Model:
             x0 = self.threshold(x0)
             a, s = self.process.alpha(t), self.process.sigma(t)
             eps = (x - a * x0) / s
-        return Pred(x0, eps)
+        return Pred(x0.astype(self.dtype), eps.astype(self.dtype))   # the process may compute in float64
 
     def __call__(self, x: Array, i: Array) -> Pred:
         """Evaluate at grid point i."""

@@ -54,7 +54,7 @@ class DDIM:
             t = jnp.maximum(sched.t[i] - self.time_stride, sched.t[-1])
             t = jnp.where(i == sched.steps - 1, sched.t[-1], t)
             la, ls = model.process.log_alpha(t), model.process.log_sigma(t)
-            return jnp.exp(la), jnp.exp(ls), la - ls
+            return jnp.exp(la).astype(x.dtype), jnp.exp(ls).astype(x.dtype), (la - ls).astype(x.dtype)
 
         def step(x, i):
             p = model(x, i)

@@ -81,8 +81,9 @@ class Heun:
                 gamma = jnp.where((s_cur >= self.s_min) & (s_cur <= self.s_max), gamma_max, 0.0)
                 s_hat = s_cur * (1.0 + gamma)
                 xh = xh + jnp.sqrt(s_hat ** 2 - s_cur ** 2) * self.s_noise * draw(i)
-                t_hat = jnp.where(gamma > 0, process.t_from_logsnr(-2.0 * jnp.log(s_hat)), sched.t[i])
-                a_hat = jnp.where(gamma > 0, process.alpha(t_hat), sched.alpha[i])
+                t_hat = jnp.where(gamma > 0, process.t_from_logsnr(-2.0 * jnp.log(s_hat)), sched.t[i]).astype(x.dtype)
+                a_hat = jnp.where(gamma > 0, process.alpha(t_hat), sched.alpha[i]).astype(x.dtype)
+                s_hat = s_hat.astype(x.dtype)
             d = (xh - model.at(a_hat * xh, t_hat).x0) / s_hat
             xh_next = xh + (s_next - s_hat) * d
 

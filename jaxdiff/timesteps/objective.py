@@ -60,7 +60,7 @@ def order_pattern(solver: str, order: int, steps: int, *,
     Step k (1-based) first warms up with order min(k, order) (only k-1 earlier model outputs exist).
     With lower-order-final, the order is further capped by steps + 1 - k (last step first order, the one
     before at most second order). `jaxdiff.solvers.DPMSolverMultistep` applies that only when
-    steps < its `lower_final_below` (default 15, as diffusers and the official DPM-Solver docstring; the
+    steps < its `lower_final_below` (default None: always, like UniPC; diffusers uses 15 and the official code 10; the
     official code's own test is steps < 10: pass `lower_order_final=10` for it); UniPC always. The default,
     `lower_order_final=True`, follows the jaxdiff solvers' defaults: the threshold is read from
     `DPMSolverMultistep()` and the pattern computed by `jaxdiff.solvers.base.order_schedule`.
