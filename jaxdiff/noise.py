@@ -299,8 +299,19 @@ class VPCosine(NoiseProcess):
 # VE, EDM, flow
 # ----------------------------------------------------------------------------------------------------
 
+class _UnitAlpha(NoiseProcess):
+    """alpha = 1 (VE and EDM); the prior is N(0, sigma_max^2 I)."""
+
+    @property
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def log_alpha(self, t):
+        return jnp.zeros_like(jnp.asarray(t, float))
+
+
 @_pytree
-class VE(NoiseProcess):
+class VE(_UnitAlpha):
     """Variance-exploding (ScoreSDE): alpha = 1, sigma(t) = sigma_min (sigma_max/sigma_min)^t, t in [0, 1].
 
     sigma never reaches 0 at finite t, so `t_zero = -inf` (sigma(-inf) = 0 exactly).
@@ -313,13 +324,6 @@ class VE(NoiseProcess):
     t_max: float = 1.0
     t_zero: float = -math.inf
 
-    @property
-    def prior_std(self) -> float:
-        return self.sigma_max
-
-    def log_alpha(self, t):
-        return jnp.zeros_like(jnp.asarray(t, float))
-
     def log_sigma(self, t):
         return math.log(self.sigma_min) + jnp.asarray(t) * math.log(self.sigma_max / self.sigma_min)
 
@@ -331,7 +335,7 @@ class VE(NoiseProcess):
 
 
 @_pytree
-class EDM(NoiseProcess):
+class EDM(_UnitAlpha):
     """EDM (Karras et al. 2022): time is the noise level, sigma(t) = t, alpha = 1.
 
     `model_time(t) = log(t) / 4` is EDM's c_noise; `sigma_data` feeds its preconditioning.
@@ -348,13 +352,6 @@ class EDM(NoiseProcess):
     @property
     def t_max(self) -> float:
         return self.sigma_max
-
-    @property
-    def prior_std(self) -> float:
-        return self.sigma_max
-
-    def log_alpha(self, t):
-        return jnp.zeros_like(jnp.asarray(t, float))
 
     def log_sigma(self, t):
         return jnp.log(jnp.asarray(t))

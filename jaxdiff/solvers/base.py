@@ -125,4 +125,20 @@ def lam_at(sched: Sched, i: Array) -> Array:
     return sched.lam[jnp.clip(i, 0, sched.steps)]
 
 
+class SolverBase:
+    """Defaults shared by the solvers: deterministic, one model evaluation per grid interval, any step
+    count >= 1. Subclasses override what differs (Heun's NFE, DDPM's noise, singlestep plans)."""
+
+    stochastic = False
+
+    def validate(self, steps: int) -> None:
+        """Raise ValueError for a grid this solver cannot run."""
+        if steps < 1:
+            raise ValueError("need at least one step")
+
+    def nfe(self, sched: Sched):
+        """Model evaluations on this schedule."""
+        return sched.steps
+
+
 Solver = Any

@@ -17,11 +17,11 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched
+from jaxdiff.solvers.base import Model, SolverBase, Sched
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIM:
+class DDIM(SolverBase):
     """DDIM with stochasticity eta (0: deterministic, equal to DPM-Solver-1; 1: DDPM's posterior variance).
 
     time_stride: diffusers compatibility only. diffusers' DDIMScheduler steps from t to
@@ -39,13 +39,6 @@ class DDIM:
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def run(self, model: Model, sched: Sched, x, draw):
         def target(i):
@@ -73,7 +66,7 @@ class DDIM:
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPM:
+class DDPM(SolverBase):
     """Ancestral sampling of the (respaced) DDPM chain; variance "fixed_small" or "fixed_large"."""
     variance: str = "fixed_small"
 
@@ -82,13 +75,6 @@ class DDPM:
     def __post_init__(self):
         if self.variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"unknown variance {self.variance!r}; choose 'fixed_small' or 'fixed_large'")
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def run(self, model: Model, sched: Sched, x, draw):
         def step(x, i):

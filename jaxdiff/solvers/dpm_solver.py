@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched, final_to_zero, lam_at, order_schedule
+from jaxdiff.solvers.base import Model, SolverBase, Sched, final_to_zero, lam_at, order_schedule
 
 SOLVER_TYPES = ("midpoint", "taylor")
 
@@ -57,7 +57,7 @@ def exp_update(x, ratio, c_t, hh, m0, d1=None, d2=None, midpoint=False):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistep:
+class DPMSolverMultistep(SolverBase):
     """Multistep DPM-Solver(++) of order 1-3 (Adams-type: one model evaluation per step).
 
     Args:
@@ -92,13 +92,6 @@ class DPMSolverMultistep:
     @property
     def stochastic(self) -> bool:
         return self.sde
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def orders(self, steps: int) -> tuple[int, ...]:
         return order_schedule(steps, self.order, lower_order_final=self.lower_order_final,
@@ -208,7 +201,7 @@ def diffusers_singlestep_plan(steps: int, order: int, lower_order_final: bool = 
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverSinglestep:
+class DPMSolverSinglestep(SolverBase):
     """Singlestep DPM-Solver(++) (Runge-Kutta type): each outer step of order k evaluates the model at
     its start and at k-1 intermediate points, which are the grid's own points. A grid of N intervals with
     plan (k_1, ..., k_m), sum k_j = N, costs N evaluations (DPM-Solver's `singlestep` with the same
@@ -229,7 +222,6 @@ class DPMSolverSinglestep:
         if self.plan is not None and not all(k in range(1, self.order + 1) for k in self.plan):
             raise ValueError(f"plan {self.plan} has orders outside 1..{self.order}")
 
-    stochastic = False
 
     def outer_plan(self, steps: int) -> tuple[int, ...]:
         return tuple(self.plan) if self.plan is not None else dpm_solver_fast_plan(steps, self.order)
@@ -238,9 +230,6 @@ class DPMSolverSinglestep:
         plan = self.outer_plan(steps)
         if sum(plan) != steps:
             raise ValueError(f"singlestep plan {plan} covers {sum(plan)} intervals but the grid has {steps}")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def run(self, model: Model, sched: Sched, x, draw):
         data = self.prediction == "data"

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched
+from jaxdiff.solvers.base import Model, SolverBase, Sched
 
 
 def _sig_hat(sched: Sched):
@@ -22,17 +22,9 @@ def _sig_hat(sched: Sched):
 
 
 @dataclasses.dataclass(frozen=True)
-class Euler:
+class Euler(SolverBase):
     """First-order Euler on the ODE in sigma_hat (identical to deterministic DDIM)."""
 
-    stochastic = False
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def run(self, model: Model, sched: Sched, x, draw):
         sh = _sig_hat(sched)
@@ -48,7 +40,7 @@ class Euler:
 
 
 @dataclasses.dataclass(frozen=True)
-class Heun:
+class Heun(SolverBase):
     """EDM's second-order Heun sampler (Algorithm 2). churn = 0 is deterministic (Algorithm 1)."""
     s_churn: float = 0.0
     s_min: float = 0.0
@@ -60,8 +52,7 @@ class Heun:
         return self.s_churn > 0
 
     def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
+        super().validate(steps)
         if self.s_churn < 0:
             raise ValueError(f"s_churn must be >= 0, got {self.s_churn}")
 
@@ -105,22 +96,14 @@ _AB = jnp.array([[1.0, 0.0, 0.0, 0.0],
 
 
 @dataclasses.dataclass(frozen=True)
-class IPNDM:
+class IPNDM(SolverBase):
     """Improved PNDM: Adams-Bashforth on d with fixed-step coefficients, order up to `max_order` (<= 4)."""
     max_order: int = 4
 
-    stochastic = False
 
     def __post_init__(self):
         if self.max_order not in (1, 2, 3, 4):
             raise ValueError(f"iPNDM max_order must be 1..4, got {self.max_order!r}")
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def run(self, model: Model, sched: Sched, x, draw):
         sh = _sig_hat(sched)

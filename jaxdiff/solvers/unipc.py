@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, Sched, lam_at, order_schedule
+from jaxdiff.solvers.base import Model, SolverBase, Sched, lam_at, order_schedule
 
 VARIANTS = ("bh1", "bh2")
 
@@ -44,7 +44,7 @@ def _rho(rks, b, size: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPC:
+class UniPC(SolverBase):
     """UniPC multistep solver.
 
     Args:
@@ -64,7 +64,6 @@ class UniPC:
     disable_corrector: tuple[int, ...] = ()
     lower_order_final: bool = True
 
-    stochastic = False
 
     def __post_init__(self):
         if self.order not in (1, 2, 3):
@@ -73,13 +72,6 @@ class UniPC:
             raise ValueError(f"unknown UniPC variant {self.variant!r}; choose one of {list(VARIANTS)}")
         if self.prediction not in ("data", "noise"):
             raise ValueError(f"prediction must be 'data' or 'noise', got {self.prediction!r}")
-
-    def validate(self, steps: int) -> None:
-        if steps < 1:
-            raise ValueError("need at least one step")
-
-    def nfe(self, sched: Sched):
-        return sched.steps
 
     def orders(self, steps: int) -> tuple[int, ...]:
         return order_schedule(steps, self.order, lower_order_final=self.lower_order_final)
