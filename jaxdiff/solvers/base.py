@@ -115,11 +115,6 @@ def final_to_zero(sched: Sched, x: Array, x0: Array) -> Array:
     return jnp.where(sched.sigma[-1] == 0, sched.alpha[-1] * x0, x)
 
 
-def shift_history(hist: Array, new: Array) -> Array:
-    """Push `new` (B, ...) on a history (K, B, ...) of model outputs, newest first."""
-    return jnp.concatenate([new[None], hist[:-1]], axis=0)
-
-
 def lam_at(sched: Sched, i: Array) -> Array:
     """lambda at grid index i, clamped into range (history entries before the start are never used)."""
     return sched.lam[jnp.clip(i, 0, sched.steps)]
