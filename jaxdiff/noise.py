@@ -149,8 +149,15 @@ def rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
     return ((a - aT) * a0 / (a0 - aT)) ** 2
 
 
+class _VariancePreserving(NoiseProcess):
+    """alpha^2 + sigma^2 = 1: sigma follows from log alpha."""
+
+    def log_sigma(self, t):
+        return 0.5 * jnp.log(-jnp.expm1(2 * self.log_alpha(t)))
+
+
 @_pytree(data=("log_alphas",))
-class VPDiscrete(NoiseProcess):
+class VPDiscrete(_VariancePreserving):
     """Variance-preserving process of a model trained on N discrete steps.
 
     Knot n (n = 0..N-1) sits at t = (n+1)/N with log alpha = 0.5 log(abar_n), as in DPM-Solver's
@@ -218,9 +225,6 @@ class VPDiscrete(NoiseProcess):
         t = jnp.asarray(t, lak.dtype)
         return jnp.interp(t, tk, lak)
 
-    def log_sigma(self, t):
-        return 0.5 * jnp.log(-jnp.expm1(2 * self.log_alpha(t)))
-
     def t_from_logsnr(self, logsnr):
         tk, lak = self._knots()
         la = -0.5 * jax.nn.softplus(-jnp.asarray(logsnr, lak.dtype))
@@ -236,7 +240,7 @@ class VPDiscrete(NoiseProcess):
 # ----------------------------------------------------------------------------------------------------
 
 @_pytree
-class VPLinear(NoiseProcess):
+class VPLinear(_VariancePreserving):
     """Continuous VP-SDE with linear beta(t) = beta_min + t (beta_max - beta_min) (ScoreSDE, T = 1).
 
     log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2.
@@ -253,9 +257,6 @@ class VPLinear(NoiseProcess):
         t = jnp.asarray(t)
         return -0.25 * (self.beta_max - self.beta_min) * t ** 2 - 0.5 * self.beta_min * t
 
-    def log_sigma(self, t):
-        return 0.5 * jnp.log(-jnp.expm1(2 * self.log_alpha(t)))
-
     def t_from_logsnr(self, logsnr):
         db = self.beta_max - self.beta_min
         tau = 2.0 * db * jnp.logaddexp(-jnp.asarray(logsnr), 0.0)   # = -4 db log alpha
@@ -266,7 +267,7 @@ class VPLinear(NoiseProcess):
 
 
 @_pytree
-class VPCosine(NoiseProcess):
+class VPCosine(_VariancePreserving):
     """Continuous cosine VP (Nichol & Dhariwal): alpha(t) = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s)).
 
     t_max defaults to 0.9946, where DPM-Solver stops because alpha -> 0 at t = 1.
@@ -283,9 +284,6 @@ class VPCosine(NoiseProcess):
     def log_alpha(self, t):
         t = jnp.asarray(t)
         return jnp.log(jnp.cos(jnp.pi / 2 * (t + self.s) / (1 + self.s))) - self._log_cos0()
-
-    def log_sigma(self, t):
-        return 0.5 * jnp.log(-jnp.expm1(2 * self.log_alpha(t)))
 
     def t_from_logsnr(self, logsnr):
         la = -0.5 * jax.nn.softplus(-jnp.asarray(logsnr))

@@ -42,17 +42,22 @@ def _jax_forward(model, x_nchw, t, context=None, labels=None):
     return np.asarray(out).transpose(0, 3, 1, 2)
 
 
-def _check_unet2d(cfg, tmp_path, batch, labels=None, seed=0):
+def _pair(class_name, cfg, tmp_path, batch, seed):
+    """A random-initialised diffusers model, its jaxdiff conversion, the rng and a random NCHW input."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from jaxdiff.convert import load_unet
 
     torch.manual_seed(seed)
-    ref_model = diffusers.UNet2DModel(**cfg).eval()
+    ref_model = getattr(diffusers, class_name)(**cfg).eval()
     model = load_unet(_save(ref_model, tmp_path))
     rng = np.random.RandomState(seed)
     s = cfg["sample_size"]
-    x = rng.randn(batch, cfg["in_channels"], s, s).astype(np.float32)
+    return torch, ref_model, model, rng, rng.randn(batch, cfg["in_channels"], s, s).astype(np.float32)
+
+
+def _check_unet2d(cfg, tmp_path, batch, labels=None, seed=0):
+    torch, ref_model, model, rng, x = _pair("UNet2DModel", cfg, tmp_path, batch, seed)
     t = rng.randint(0, 1000, size=(batch,)).astype(np.int64)
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(x), torch.from_numpy(t),
@@ -81,16 +86,7 @@ def test_unet2d_scale_shift_classes_heads_parity(tmp_path):
 
 
 def _check_cond(cfg, tmp_path, batch=2, seq=7, seed=0):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    from jaxdiff.convert import load_unet
-
-    torch.manual_seed(seed)
-    ref_model = diffusers.UNet2DConditionModel(**cfg).eval()
-    model = load_unet(_save(ref_model, tmp_path))
-    rng = np.random.RandomState(seed)
-    s = cfg["sample_size"]
-    x = rng.randn(batch, cfg["in_channels"], s, s).astype(np.float32)
+    torch, ref_model, model, rng, x = _pair("UNet2DConditionModel", cfg, tmp_path, batch, seed)
     t = rng.uniform(0, 1000, size=(batch,)).astype(np.float32)
     ctx = rng.randn(batch, seq, cfg["cross_attention_dim"]).astype(np.float32)
     with torch.no_grad():
