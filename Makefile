@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,parity,plots]"
+	$(PY) -m pip install -q -e ".[test,data,parity,plots]"
 	touch $(STAMP)
 
 .PHONY: setup test test-slow demo bench

@@ -1,0 +1,1 @@
+"""Input pipelines: TFDS image datasets and the embedded digits default."""
