@@ -62,3 +62,94 @@ def load_digits_arrays(split: str = "train", resolution: int = 16) -> tuple[np.n
             raise ValueError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
         idx = splits[split]
     return resize_digits(d.images[idx], resolution), d.target[idx].astype(np.int64)
+
+
+# --- TFDS builder ------------------------------------------------------------------------------
+# ``tensorflow_datasets`` is imported only when the builder is first asked for (module
+# ``__getattr__`` below), so ``import jaxdiff.data.digits`` stays as light as numpy + sklearn.
+
+TFDS_NAME = "digits"
+TFDS_RESOLUTIONS = (16, 32)
+_BUILDER_CLASS = None
+
+
+def _make_builder_class():
+    """Define (once) and return the ``Digits`` TFDS builder class; registers ``digits`` with TFDS."""
+    global _BUILDER_CLASS
+    if _BUILDER_CLASS is not None:
+        return _BUILDER_CLASS
+    import tensorflow_datasets as tfds
+
+    class Digits(tfds.core.GeneratorBasedBuilder):
+        """sklearn digits as ``digits/16`` or ``digits/32``: image (r, r, 1) uint8, label in 0..9.
+
+        Splits ``train`` (1,437) and ``test`` (360), exactly :func:`load_digits_arrays`. Everything
+        is generated locally from scikit-learn's bundled copy; nothing is downloaded.
+        """
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "sklearn digits, stratified 1437/360 split from seed 0."}
+        BUILDER_CONFIGS = [
+            tfds.core.BuilderConfig(name=str(r), description=f"{r}x{r}x1 bicubic-upsampled digits")
+            for r in TFDS_RESOLUTIONS
+        ]
+
+        # TFDS looks for a checksums file next to the builder's source; its default lookup needs
+        # the optional ``importlib_resources`` package, so point it at this file directly.
+        @tfds.core.utils.classproperty
+        @classmethod
+        def code_path(cls):
+            from etils import epath
+            return epath.Path(__file__)
+
+        @property
+        def resolution(self) -> int:
+            return int(self.builder_config.name)
+
+        def _info(self):
+            r = self.resolution
+            return self.dataset_info_from_configs(
+                description=__doc__,
+                features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(shape=(r, r, 1), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                }),
+                supervised_keys=("image", "label"),
+                disable_shuffling=True,  # keep the order of ``load_digits_arrays``
+                homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager  # nothing to download
+            return {split: self._generate_examples(split) for split in ("train", "test")}
+
+        def _generate_examples(self, split):
+            images, labels = load_digits_arrays(split, self.resolution)
+            for i, (image, label) in enumerate(zip(images, labels)):
+                yield i, {"image": image, "label": int(label)}
+
+    _BUILDER_CLASS = Digits
+    return Digits
+
+
+def __getattr__(name):
+    if name == "Digits":
+        return _make_builder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_digits(data_dir, resolution: int = 16):
+    """Prepare ``digits/<resolution>`` under ``data_dir`` (array_record) unless already there.
+
+    Idempotent: a prepared dataset is only opened (well under a second). Returns the TFDS builder;
+    ``builder.as_data_source(split)`` gives random access to ``{"image": (r, r, 1) uint8,
+    "label": int64}`` records.
+    """
+    if resolution not in TFDS_RESOLUTIONS:
+        raise ValueError(f"digits TFDS resolution must be one of {TFDS_RESOLUTIONS}, got {resolution!r}")
+    import os
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    builder = _make_builder_class()(data_dir=data_dir, config=str(resolution))
+    if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+    return builder
