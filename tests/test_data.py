@@ -290,3 +290,10 @@ def test_generic_tfds_dataset_center_crop_and_resize(tmp_path):
     resized = next(ImageIterator(source, global_batch_size=4, image_size=16, seed=0, process_index=0,
                                  process_count=1, crop="resize", label_key=None))
     assert resized["image"].shape == (4, 16, 16, 3) and "label" not in resized
+
+
+def test_tfrecord_only_dataset_is_refused(tmp_path):
+    TinyRgb(data_dir=str(tmp_path)).download_and_prepare(file_format="tfrecord")
+    with pytest.raises(ValueError, match=r"stored as 'tfrecord'.*tfds build tiny_rgb --data_dir=.*"
+                                         r"--file_format=array_record"):
+        open_source("tiny_rgb", "train", str(tmp_path))

@@ -64,7 +64,7 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     elif data_dir is not None:
         data_dir = os.path.expanduser(os.fspath(data_dir))
     where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
-    how = (f"prepare it with `tfds build {name.split(':')[0].split('/')[0]} "
+    how = (f"prepare it with `tfds build {name} "
            f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record`")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
