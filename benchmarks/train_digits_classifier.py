@@ -7,8 +7,8 @@ Data: the fixed train split of the embedded digits (1,437 images); held-out accu
 the 360-image test split, which is never used for training or model selection. Augmentation: random
 integer shifts of up to ``max(1, r // 8)`` pixels (2 px at 16x16, 4 px at 32x32; the images are bicubic
 upsamplings of 8x8 digits, so that is half an original pixel), the border filled with background (-1).
-AdamW with warm-up + cosine decay, batch 128, a few thousand steps (well under a minute per resolution
-on 2 CPU cores). Writes ``jaxdiff/assets/digits_classifier_{r}.npz`` and
+AdamW with warm-up + cosine decay, batch 128, 2,000 steps (35-45 s per resolution, about 1.5 min
+for both, on 2 shared CPU cores). Writes ``jaxdiff/assets/digits_classifier_{r}.npz`` and
 ``benchmarks/results/digits_classifier.md``.
 """
 from __future__ import annotations

@@ -189,6 +189,10 @@ def test_precision_recall_brute_force():
     real, fake = _features(11, 90, 5), _features(12, 70, 5, shift=0.7, scale=0.8)
     p_ref, r_ref, radii_ref = _ref_precision_recall(real, fake, 3)
     np.testing.assert_allclose(np.sqrt(knn_radii(real, 3, block_size=16)), radii_ref, rtol=RTOL)
+    dup = np.concatenate([real[:20], real[:5]])  # duplicated rows count as separate neighbours
+    for k in (1, 3, 10):  # masked-minimum path (k <= 8) and top_k path
+        d = np.sqrt(((dup[:, None] - dup[None]) ** 2).sum(-1))
+        np.testing.assert_allclose(np.sqrt(knn_radii(dup, k)), np.sort(d, 1)[:, k], rtol=RTOL, atol=1e-7)
     p, r = precision_recall(real, fake, k=3, block_size=16)  # uneven blocks: 90 = 5 x 16 + 10
     assert (p, r) == (p_ref, r_ref)
     assert 0 < p < 1 and 0 < r < 1

@@ -6,6 +6,11 @@ held-out test-split accuracy is stored in the file and reported in
 ``benchmarks/results/digits_classifier.md``) as a :class:`FeatureExtractor` whose features are its
 64-d penultimate embedding. :func:`digits_quality` scores class-conditional samples: does the classifier
 agree with the requested class, and how far are the samples from real digits in that feature space.
+
+Shipped weights (2,000 AdamW steps, ±2 px / ±4 px shift augmentation, seed 0): held-out test-split
+accuracy 98.89% at 16x16 and 98.61% at 32x32 (train split 100%); about 156 kB each. On the real
+test split ``digits_quality`` gives class agreement = that accuracy, and the Fréchet distance between
+the real train and test splits is far below that of uniform noise (see ``tests/test_metrics.py``).
 """
 from __future__ import annotations
 
