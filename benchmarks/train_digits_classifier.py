@@ -123,7 +123,8 @@ def main():
     ]
     for r, i in rows:
         lines.append(f"| {r} | {i['steps']} | {i['batch']} | {i['lr']:g} | ±{i['max_shift']} | "
-                     f"{i['train_accuracy']:.4f} | {i['test_accuracy']:.4f} | {i['train_seconds']:.1f} | {i['bytes']} |")
+                     f"{i['train_accuracy']:.4f} | {i['test_accuracy']:.4f} | {i['train_seconds']:.1f} | "
+                     f"{i['bytes']} |")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines) + "\n")

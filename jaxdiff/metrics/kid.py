@@ -16,7 +16,10 @@ import numpy as np
 
 def polynomial_kernel(x: jax.Array, y: jax.Array, degree: int = 3, gamma: float | None = None,
                       coef0: float = 1.0) -> jax.Array:
-    """``(gamma x . y + coef0) ** degree`` for ``x (n, d)``, ``y (m, d)`` -> ``(n, m)``; ``gamma`` defaults to ``1/d``."""
+    """``(gamma x . y + coef0) ** degree`` for ``x (n, d)``, ``y (m, d)`` -> ``(n, m)``.
+
+    ``gamma`` defaults to ``1 / d``.
+    """
     d = x.shape[-1]
     g = 1.0 / d if gamma is None else gamma
     return (g * jnp.matmul(x, y.T, precision=jax.lax.Precision.HIGHEST) + coef0) ** degree
@@ -58,7 +61,9 @@ def mmd2_unbiased(x, y) -> float:
 
 def kid_subset_indices(n_real: int, n_fake: int, num_subsets: int = 100, subset_size: int = 1000,
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The subsets :func:`kid` averages over: ``(real_idx (S, m), fake_idx (S, m))`` int, ``m = min(subset_size, n_real, n_fake)``.
+    """The subsets :func:`kid` averages over: ``(real_idx (S, m), fake_idx (S, m))`` int arrays.
+
+    ``m = min(subset_size, n_real, n_fake)``, ``S = num_subsets``.
 
     Each row is drawn without replacement by ``numpy.random.default_rng(seed)`` (real then fake, per subset).
     """
@@ -84,6 +89,10 @@ def kid(real_features, fake_features, num_subsets: int = 100, subset_size: int =
     :func:`kid_subset_indices` (size ``min(subset_size, N_r, N_f)``). ``std`` is the population standard
     deviation over subsets (``ddof=0``, as torch-fidelity; 0.0 for one subset). Computed in jax, one
     subset at a time (``lax.map``), in the input's float dtype (float64 with ``jax_enable_x64``).
+
+    The estimate is unbiased for *independent* samples and can be negative. Passing the very same
+    features as real and fake is not that case: it gives ``-2 (mean k(x_i, x_i) - mean_{i != j}
+    k(x_i, x_j)) / m < 0``. The value scales with the feature magnitudes (the kernel is cubic).
     """
     x, y = _as_2d(real_features, "real"), _as_2d(fake_features, "fake")
     if x.shape[1] != y.shape[1]:
