@@ -130,11 +130,13 @@ def main():
         f"{repeats} timed calls each, jaxdiff and PyTorch alternating; median. Ratio = PyTorch time / jaxdiff "
         "time (> 1: jaxdiff faster). Compile time (jaxdiff, once per batch size) is not in the timings. "
         f"Total run time {meta['total_s']:.0f} s.", "",
-        "| batch | jaxdiff img/s | pytorch-fid img/s | ratio | jaxdiff compile s | max abs diff of features |",
-        "|---|---|---|---|---|---|",
+        "| batch | jaxdiff img/s | pytorch-fid img/s | ratio | jaxdiff calls (s) | pytorch-fid calls (s) "
+        "| jaxdiff compile s | max abs diff of features |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.2f} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['jax_runs'])} | {', '.join(f'{t:.2f}' for t in r['torch_runs'])} | "
                      f"{r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |")
     lines.append("")
     print("\n".join(lines))
