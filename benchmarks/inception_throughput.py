@@ -135,9 +135,9 @@ def main():
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        runs_j, runs_t = (", ".join(f"{t:.2f}" for t in r[k]) for k in ("jax_runs", "torch_runs"))
         lines.append(f"| {r['batch']} | {r['jax_img_s']:.2f} | {r['torch_img_s']:.2f} | {r['ratio']:.2f} | "
-                     f"{', '.join(f'{t:.2f}' for t in r['jax_runs'])} | {', '.join(f'{t:.2f}' for t in r['torch_runs'])} | "
-                     f"{r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |")
+                     f"{runs_j} | {runs_t} | {r['compile_s']:.1f} | {r['max_abs_diff']:.1e} |")
     lines.append("")
     print("\n".join(lines))
     if not args.quick:  # a smoke run only prints
