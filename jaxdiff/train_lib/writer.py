@@ -1,0 +1,61 @@
+"""Where training metrics go: ``metrics.jsonl`` (one JSON object a line), TensorBoard event files when
+TensorFlow's summary writer is importable, and a terminal line. Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+
+
+class MetricWriter:
+    """Append scalars per step. ``tensorboard=None`` uses it when available, ``False`` never."""
+
+    def __init__(self, workdir: str, tensorboard: bool | None = None):
+        self.active = jax.process_index() == 0
+        self._tb = None
+        if not self.active:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard is not False:
+            try:
+                import tensorboard  # noqa: F401 - tf.summary needs it
+                import tensorflow as tf
+                self._tf = tf
+                self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                if tensorboard:
+                    raise
+                self._tb = None
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Record ``scalars`` (python floats) at ``step``."""
+        if not self.active:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            with self._tb.as_default(step=int(step)):
+                for k, v in scalars.items():
+                    if v is not None:
+                        self._tf.summary.scalar(k, float(v))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of ``<workdir>/metrics.jsonl`` (a resumed run appends; later records win per step)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
