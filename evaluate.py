@@ -59,7 +59,8 @@ def build_extractor(kind: str, *, image_size: int, channels: int, inception_weig
     if kind == "digits":
         from jaxdiff.metrics.digits import RESOLUTIONS, digits_classifier
         if image_size not in RESOLUTIONS or channels != 1:
-            raise EvalError(f"--features digits needs grey (1-channel) images of size {' or '.join(map(str, RESOLUTIONS))}, "
+            sizes = " or ".join(map(str, RESOLUTIONS))
+            raise EvalError(f"--features digits needs grey (1-channel) images of size {sizes}, "
                             f"got {image_size}x{image_size}x{channels}; use --features inception")
         return digits_classifier(image_size)
     if kind == "inception":
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=250, help="images per sampling / feature call")
     p.add_argument("--num", type=int, default=None, help="samples to draw (default 10000); with "
                    "--write_ref_stats: use only the first NUM examples")
-    p.add_argument("--out", default=None, help="result JSON (default <workdir>/eval_<features>_<solver>_<grid>_<steps>.json)")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default <workdir>/eval_<features>_<solver>_<grid>_<steps>.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("reference statistics of a dataset split")
     g.add_argument("--write_ref_stats", default=None, metavar="OUT.npz",
