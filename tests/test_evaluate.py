@@ -290,3 +290,43 @@ def test_build_extractor_rejects_wrong_images():
         evaluate.build_extractor("digits", image_size=64, channels=3)
     with pytest.raises(evaluate.EvalError, match="1-channel .* or 3-channel images, got 4"):
         evaluate.build_extractor("inception", image_size=64, channels=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_quantized_samples_match_pytorch_fid_on_png_files(tmp_path):
+    """Float samples -> quantize_uint8 -> inception extractor == save_image-style PNG files read as
+    pytorch-fid reads them (``Image.open(p).convert("RGB")``, ``ToTensor``) -> pytorch-fid's network,
+    same random weights; RGB and grey (repeated to RGB) images. ~30 s on 2 CPU cores."""
+    torch = pytest.importorskip("torch")
+    from PIL import Image
+    import test_inception as ti
+    from jaxdiff.convert.inception import load_inception_fid
+    from jaxdiff.metrics.inception import inception_extractor
+
+    pfid = ti._import_pytorch_fid_inception(torch)
+    sd = ti._random_fid_state_dict(pfid, torch)
+    original = pfid.load_state_dict_from_url
+    pfid.load_state_dict_from_url = lambda *a, **k: sd
+    try:
+        ref = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], use_fid_inception=True).eval()
+    finally:
+        pfid.load_state_dict_from_url = original
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(sd, str(path))
+    model = load_inception_fid(str(path))
+    rs = np.random.RandomState(0)
+    for ch in (3, 1):
+        x = np.clip(rs.normal(0, 0.6, (3, 32, 32, ch)), -1.05, 1.05).astype(np.float32)  # a little out of range
+        u8 = _torch_save_image_uint8(torch, x)
+        files = []
+        for i, a in enumerate(u8):
+            files.append(tmp_path / f"{ch}_{i}.png")
+            Image.fromarray(a[..., 0] if ch == 1 else a).save(files[-1])
+        arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files]).astype(np.float32) / 255
+        with torch.no_grad():
+            want = ref(torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()))[0][:, :, 0, 0].numpy()
+        ext = inception_extractor(model, image_size=32, channels=ch, logits=False)
+        got, _ = extract(ext, quantize_uint8(x, clip=True), batch_size=3)
+        err = float(np.abs(got - want).max())
+        assert err <= 1e-5, f"{ch} channels: max abs error {err}"
