@@ -7,6 +7,9 @@ $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,data,parity,plots]"
+	# pytorch-fid (Inception parity tests) without its torchvision dependency: the PyPI torchvision
+	# wheel for torch 2.13 needs CUDA libraries; the tests stand in for the two torchvision layers used
+	$(PY) -m pip install -q --no-deps "pytorch-fid==0.3.0"
 	touch $(STAMP)
 
 .PHONY: setup test test-slow demo bench
@@ -16,10 +19,11 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
-## Set up and run the main job on the embedded default data (sampler comparison on the exact
-## Gaussian-mixture model until train.py lands).
+## Set up and run the main job on the embedded default data: train the class-conditional digits
+## model (configs/digits.py; resumes if runs/digits has checkpoints), then draw and score 100 samples.
 demo: $(STAMP)
-	$(PY) benchmarks/samplers.py --quick
+	$(PY) train.py --config configs/digits.py --workdir runs/digits
+	$(PY) sample.py --workdir runs/digits --num 100 --steps 10 --eval digits --out runs/digits/demo
 
 ## Slow checks (full-size parity, long benchmarks-as-tests).
 test-slow: $(STAMP)

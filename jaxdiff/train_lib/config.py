@@ -33,7 +33,7 @@ def default_config() -> ConfigDict:
         synthetic=False,         # random data of the right shape (throughput benchmarks)
     ))
     c.process = ConfigDict(dict(name="vp_cosine", kwargs=ConfigDict()))
-    c.loss = ConfigDict(dict(target="eps", time_sampling="uniform", weighting="simple",
+    c.loss = ConfigDict(dict(target="v", time_sampling="uniform", weighting="simple",
                              time_params=ConfigDict(), weight_params=ConfigDict()))
     c.model = ConfigDict(dict(
         block_out_channels=(32, 64, 64),
