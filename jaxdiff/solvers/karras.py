@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxdiff.solvers.base import Model, SolverBase, Sched
@@ -89,10 +90,12 @@ class Heun(SolverBase):
         return x
 
 
-_AB = jnp.array([[1.0, 0.0, 0.0, 0.0],
-                 [3.0 / 2, -1.0 / 2, 0.0, 0.0],
-                 [23.0 / 12, -16.0 / 12, 5.0 / 12, 0.0],
-                 [55.0 / 24, -59.0 / 24, 37.0 / 24, -9.0 / 24]])
+# numpy, not jnp: a jnp constant at import time would start the XLA backend before
+# jax.distributed.initialize() (multi-host start-up fails with "must be called before ...")
+_AB = np.array([[1.0, 0.0, 0.0, 0.0],
+                [3.0 / 2, -1.0 / 2, 0.0, 0.0],
+                [23.0 / 12, -16.0 / 12, 5.0 / 12, 0.0],
+                [55.0 / 24, -59.0 / 24, 37.0 / 24, -9.0 / 24]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +111,7 @@ class IPNDM(SolverBase):
     def run(self, model: Model, sched: Sched, x, draw):
         sh = _sig_hat(sched)
         k = self.max_order
-        coef = _AB[:k, :k].astype(x.dtype)
+        coef = jnp.asarray(_AB[:k, :k], x.dtype)
 
         def step(carry, i):
             x, hist = carry
