@@ -58,7 +58,8 @@ LAUNCHER = textwrap.dedent("""
             return len(self.source)
         def _record(self, indices):
             with _lock:
-                _log.write(json.dumps({{"k": getattr(_local, "k", None), "indices": [int(i) for i in indices]}}) + "\\n")
+                record = {{"k": getattr(_local, "k", None), "indices": [int(i) for i in indices]}}
+                _log.write(json.dumps(record) + "\\n")
                 _log.flush()
         def __getitem__(self, i):
             self._record([i])
