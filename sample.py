@@ -3,9 +3,11 @@
     python sample.py --workdir runs/digits --num 100 --solver unipc --steps 10 --guidance_scale 2
     python sample.py --workdir runs/digits --grid optimized --steps 8 --labels 3,3,3,7,7,7
     python sample.py --workdir runs/digits --eval digits     # class agreement + Frechet distance (digits classifier)
+    python sample.py --diffusers path/to/ddpm-cifar10-32 --num 64 --solver unipc --steps 10 --out out/
 
 Reads the config and parameters (EMA by default) of the newest readable checkpoint in
-``<workdir>/checkpoints`` (or ``--step``), shards the batch over every available device, and writes
+``<workdir>/checkpoints`` (or ``--step``), or a diffusers UNet folder with its scheduler config (converted
+on load; the beta schedule and prediction type come from ``scheduler_config.json``), shards the batch over every available device, and writes
 ``<out>/samples.png`` (a grid) and ``<out>/samples.npz`` (``images`` float32 (N, H, W, C) in [-1, 1],
 ``labels`` (N,)), plus ``<out>/eval.json`` with ``--eval``. The same seed gives the same samples on any
 number of devices and in any chunking.
@@ -49,6 +51,28 @@ def load_checkpoint(workdir: str, step: int | None = None, mesh=None):
     return exp, state, restored_step
 
 
+def load_diffusers_model(folder: str, mesh=None) -> dict:
+    """A diffusers pipeline folder (``unet/`` + ``scheduler/``) or UNet folder (+ ``scheduler_config.json``)
+    as the pieces ``Sampler`` needs: apply, params, process, prediction, image shape, classes, mesh."""
+    from flax import nnx
+
+    from jaxdiff.convert import load_unet
+    from jaxdiff.convert.scheduler import process_from_scheduler_config, read_scheduler_config
+    from jaxdiff.convert.diffusers_io import read_config
+    from jaxdiff.train_lib.model import make_apply, split_model
+    unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    process, prediction = process_from_scheduler_config(read_scheduler_config(folder))
+    size = read_config(unet_dir).get("sample_size")
+    if not isinstance(size, int):
+        raise ValueError(f"the UNet config in {unet_dir} has no integer sample_size; cannot size the samples")
+    unet = load_unet(unet_dir)
+    graphdef, params, rest = split_model(unet)
+    c = unet.config
+    return dict(apply=make_apply(graphdef, rest), params=nnx.to_pure_dict(params), process=process,
+                prediction=prediction, image_shape=(size, size, c.in_channels), num_classes=c.num_classes,
+                class_null=c.class_null, mesh=mesh if mesh is not None else parallel.make_mesh(), step=None)
+
+
 def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
     """``"3,3,7"`` -> those labels (repeated to ``num``); None -> ``i % num_classes``; unconditional -> None."""
     if num_classes is None:
@@ -79,9 +103,12 @@ def draw(sampler: Sampler, params, labels, num: int, seed: int, batch: int) -> n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", required=True, help="training run folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="training run folder")
+    source.add_argument("--diffusers", help="diffusers pipeline or UNet folder (with a scheduler config)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest readable)")
-    parser.add_argument("--out", default=None, help="output folder (default: <workdir>/sample_<solver>_<grid>_<steps>)")
+    parser.add_argument("--out", default=None, help="output folder (default: <workdir or diffusers folder>/"
+                                                    "sample_<solver>_<grid>_<steps>)")
     parser.add_argument("--num", type=int, default=100)
     parser.add_argument("--batch", type=int, default=500, help="samples per device call")
     parser.add_argument("--solver", default=None, help="a name of jaxdiff.solvers.SOLVERS (default: the config's)")
@@ -98,31 +125,40 @@ def main(argv: list[str] | None = None) -> int:
 
     parallel.initialize_distributed()
     try:
-        exp, state, step = load_checkpoint(args.workdir, args.step)
-        cfg = exp.config.sample
+        if args.workdir:
+            exp, state, step = load_checkpoint(args.workdir, args.step)
+            model = dict(apply=exp.apply, params=state.params if args.raw else state.ema_params,
+                         process=exp.process, prediction=exp.config.loss.target,
+                         image_shape=(exp.config.data.image_size,) * 2 + (exp.config.data.channels,),
+                         num_classes=exp.config.model.num_classes if exp.conditional else None,
+                         class_null=exp.unet.class_null, mesh=exp.mesh, step=step)
+            cfg = exp.config.sample
+        else:
+            model = load_diffusers_model(args.diffusers)
+            cfg = config_lib.default_config().sample
         solver = args.solver or cfg.solver
         solver_kwargs = json.loads(args.solver_kwargs) if args.solver_kwargs else (
             dict(cfg.solver_kwargs) if args.solver is None else {})
         grid, steps = args.grid or cfg.grid, args.steps or cfg.steps
         if args.num < 1 or args.batch < 1:
             raise ValueError(f"--num and --batch must be positive, got {args.num}, {args.batch}")
-        size, ch = exp.config.data.image_size, exp.config.data.channels
-        num_classes = exp.config.model.num_classes if exp.conditional else None
+        num_classes = model["num_classes"]
         labels = parse_labels(args.labels, args.num, num_classes)
-        sampler = Sampler(exp.apply, exp.process, prediction=exp.config.loss.target, image_shape=(size, size, ch),
-                          solver=solver, solver_kwargs=solver_kwargs, grid=grid, steps=steps,
-                          num_classes=num_classes, class_null=exp.unet.class_null,
-                          guidance_scale=args.guidance_scale, mesh=exp.mesh)
+        sampler = Sampler(model["apply"], model["process"], prediction=model["prediction"],
+                          image_shape=model["image_shape"], solver=solver, solver_kwargs=solver_kwargs, grid=grid,
+                          steps=steps, num_classes=num_classes, class_null=model["class_null"],
+                          guidance_scale=args.guidance_scale, mesh=model["mesh"])
     except (ValueError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    params = state.params if args.raw else state.ema_params
+    size, ch = model["image_shape"][1:]
+    params, step = model["params"], model["step"]
     t0 = time.perf_counter()
     images = draw(sampler, params, labels, args.num, args.seed, args.batch)
     seconds = time.perf_counter() - t0
-    out = args.out or os.path.join(args.workdir, f"sample_{solver}_{grid}_{steps}"
+    out = args.out or os.path.join(args.workdir or args.diffusers, f"sample_{solver}_{grid}_{steps}"
                                    + (f"_cfg{args.guidance_scale:g}" if args.guidance_scale else ""))
-    result = {"checkpoint_step": step, "solver": solver, "solver_kwargs": solver_kwargs, "grid": grid,
+    result = {"checkpoint_step": step, "source": args.workdir or args.diffusers, "solver": solver, "solver_kwargs": solver_kwargs, "grid": grid,
               "steps": steps, "guidance_scale": args.guidance_scale, "num": args.num, "seed": args.seed,
               "ema": not args.raw, "seconds": seconds, "devices": jax.device_count()}
     if args.eval == "digits":

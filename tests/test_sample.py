@@ -85,3 +85,33 @@ def test_bad_sampling_requests_are_named(runs, tmp_path, capsys):
         time_grid(exp.process, "optimized", 10, "ddim")
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         time_grid(exp.process, "uniform_t", 0)
+
+
+@pytest.mark.parity
+def test_sampling_a_diffusers_folder(tmp_path):
+    """A diffusers UNet2DModel + scheduler saved by diffusers: the schedule maps to the same alphas_cumprod,
+    and sample.py draws from the converted model."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.convert.scheduler import process_from_scheduler_config, read_scheduler_config
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "unet")
+    for sched in (diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.001, beta_end=0.015,
+                                          num_train_timesteps=500, prediction_type="v_prediction"),
+                  diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2")):
+        sched.save_pretrained(tmp_path / "scheduler")
+        process, prediction = process_from_scheduler_config(read_scheduler_config(str(tmp_path)))
+        n = sched.config.num_train_timesteps
+        t = (np.arange(n) + 1.0) / n
+        ours = np.asarray(process.alpha(t), np.float64) ** 2
+        np.testing.assert_allclose(ours, sched.alphas_cumprod.double().numpy(), rtol=1e-4)  # diffusers: float32
+    assert prediction == "eps"
+    out = tmp_path / "out"
+    assert sample_script.main(["--diffusers", str(tmp_path), "--num", "4", "--steps", "3", "--out", str(out)]) == 0
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
+    with pytest.raises(ValueError, match="unsupported beta_schedule"):
+        process_from_scheduler_config({"beta_schedule": "sigmoid"})
