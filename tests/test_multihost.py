@@ -7,7 +7,7 @@ of the same config: the same loss curve, the same final parameters (float tolera
 process reads exactly its own rows of each global batch (recorded by a wrapper around the data
 source, not recomputed from the pipeline's formula).
 
-Slow (about 3-4 minutes on 2 busy CPU cores: three train.py start-ups with compilation, two of them
+Slow (2m45s-3m20s measured on 2 busy CPU cores: three train.py start-ups with compilation, two of them
 two processes at once), so it runs with ``make test-slow`` / ``pytest -m slow``.
 """
 from __future__ import annotations
