@@ -305,3 +305,63 @@ def test_sigterm_then_sigkill_resume_is_bitwise_exact(tmp_path, data_dir):
     for key in ("params", "ema_params", "opt_state"):
         for a, b in zip(jax.tree.leaves(ref_state[key]), jax.tree.leaves(int_state[key])):
             np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """With a loss that ignores the key, A micro-batches give the update of one batch (same EMA, Adam)."""
+    import jax.numpy as jnp
+    from jaxdiff.train_lib.optim import make_optimizer
+    from jaxdiff.train_lib.state import create_state
+    from jaxdiff.train_lib.step import make_train_step
+
+    def apply(params, x, t, labels, dropout_key=None):
+        return x * params["w"] + params["b"][labels][:, None, None, None]
+
+    def loss_fn(apply_fn, x0, key):
+        weight = 1 + jnp.abs(x0).mean(axis=(1, 2, 3))   # per example, not per position in the batch
+        return jnp.mean((apply_fn(x0, jnp.zeros(x0.shape[0])) - 0.5) ** 2, axis=(1, 2, 3)) * weight
+
+    optim = config_lib.default_config().optim
+    opt, sched = make_optimizer(optim, 10)
+    params = {"w": jnp.full((4, 4, 1), 0.3, jnp.float32), "b": jnp.linspace(-1, 1, 11).astype(jnp.float32)}
+    batch = {"image": jax.random.normal(jax.random.key(0), (12, 4, 4, 1), jnp.float32),
+             "label": jnp.arange(12, dtype=jnp.int32) % 10}
+    outs = []
+    for accum in (1, 2, 3):
+        step = jax.jit(make_train_step(apply, loss_fn, opt, sched, grad_accum=accum, label_dropout=0.0,
+                                       null_class=10))
+        state = create_state(params, opt, 0)
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        outs.append((state, metrics))
+    for state, metrics in outs[1:]:
+        np.testing.assert_allclose(metrics["loss"], outs[0][1]["loss"], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(outs[0][0].params), jax.tree.leaves(state.params)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="not divisible by grad_accum=5"):
+        jax.jit(make_train_step(apply, loss_fn, opt, sched, grad_accum=5, null_class=10))(
+            create_state(params, opt, 0), batch)
+
+
+def test_bfloat16_dropout_and_accumulation_train(tmp_path, data_dir):
+    c = tiny_config(data_dir, model=dict(dtype="bfloat16", dropout=0.1), train=dict(steps=3, grad_accum=2))
+    out = train_script.train(c, str(tmp_path / "bf16"), devices=jax.devices()[:1])
+    assert out["step"] == 3 and np.isfinite(out["final_loss"])
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(out["params"])} == {np.dtype(np.float32)}
+
+
+def test_dropout_is_keyed_in_training_and_off_in_evaluation(data_dir):
+    import jax.numpy as jnp
+    from flax import nnx
+    from jaxdiff.train_lib.model import build_model, make_apply, split_model
+    graphdef, params, rest = split_model(build_model(tiny_config(data_dir, model=dict(dropout=0.3))))
+    apply = jax.jit(make_apply(graphdef, rest))
+    params = nnx.to_pure_dict(params)
+    x, t, y = jnp.ones((2, 16, 16, 1), jnp.float32), jnp.full((2,), 500.0), jnp.array([1, 2])
+    a, b = apply(params, x, t, y, jax.random.key(0)), apply(params, x, t, y, jax.random.key(1))
+    again = apply(params, x, t, y, jax.random.key(0))
+    e1, e2 = apply(params, x, t, y), apply(params, x, t, y)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    np.testing.assert_array_equal(a, again)
+    np.testing.assert_array_equal(e1, e2)
+    assert float(jnp.abs(a - e1).max()) > 1e-3

@@ -33,7 +33,8 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
     """``train_step(state, batch) -> (state, metrics)``, pure (jit it with donated state).
 
     Args:
-      apply: ``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None) -> (B,H,W,C)``.
+      apply: ``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None, dropout_key) -> (B,H,W,C)``
+        (``train_lib.model.make_apply``; the key draws dropout masks).
       loss_fn: ``loss_fn(apply_fn, x0, key, labels=...) -> (B,)`` (``losses.make_denoising_loss``).
       batch: ``{"image": (B,H,W,C) float32 in [-1, 1], "label": (B,) int}``; B divisible by ``grad_accum``.
     metrics: ``loss``, ``grad_norm`` (before clipping), ``lr``: float32 scalars.
@@ -44,12 +45,11 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
         raise ValueError("label dropout needs a null class (a class-conditional model)")
 
     def micro_loss(params, images, labels, key):
-        k_drop, k_loss = jax.random.split(key)
+        k_drop, k_loss, k_dropout = jax.random.split(key, 3)
         if conditional:
             labels = drop_labels(k_drop, labels, label_dropout, null_class)
-            per_example = loss_fn(lambda x, t: apply(params, x, t, labels), images, k_loss)
-        else:
-            per_example = loss_fn(lambda x, t: apply(params, x, t, None), images, k_loss)
+        net_labels = labels if conditional else None
+        per_example = loss_fn(lambda x, t: apply(params, x, t, net_labels, k_dropout), images, k_loss)
         return jnp.mean(per_example)
 
     grad_fn = jax.value_and_grad(micro_loss)
@@ -73,7 +73,7 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
                 loss_sum, grad_sum = carry
                 i, im, lab = xs
                 loss_i, g_i = grad_fn(state.params, im, lab, jax.random.fold_in(key, i))
-                return (loss_sum + loss_i, jax.tree.map(jnp.add, grad_sum, g_i)), None
+                return (loss_sum + loss_i.astype(loss_sum.dtype), jax.tree.map(jnp.add, grad_sum, g_i)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
