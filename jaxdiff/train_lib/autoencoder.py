@@ -115,7 +115,7 @@ def select_leaf(tree: Any, path: Sequence | Callable[[Any], Any]) -> Any:
             node = node[k]
         except (KeyError, IndexError, TypeError):
             keys = list(node.keys()) if hasattr(node, "keys") else type(node).__name__
-            raise KeyError(f"last_layer path {tuple(path)!r}: no {k!r} under {tuple(path[:i])!r} "
+            raise KeyError(f"last_layer_path {tuple(path)!r}: no {k!r} under {tuple(path[:i])!r} "
                            f"(available: {keys})") from None
     return node
 
@@ -130,7 +130,7 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
                           kind: str = "kl", rec_loss: str = "l1", kl_weight: float = 1e-6,
                           codebook_weight: float = 1.0, perceptual_weight: float = 1.0, disc_start: int,
                           disc_weight: float = 0.5, disc_factor: float = 1.0, ema_decay: float = 0.999,
-                          last_layer: Sequence | Callable[[Any], Any] = DEFAULT_LAST_LAYER,
+                          last_layer_path: Sequence | Callable[[Any], Any] = DEFAULT_LAST_LAYER,
                           ) -> Callable[[AutoencoderTrainState, dict], tuple[AutoencoderTrainState, dict]]:
     """``step(state, batch) -> (state, metrics)``, pure (jit it, donating the state).
 
@@ -148,7 +148,7 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
       disc_start: first step with the GAN terms on (KL-f8: 50001; VQ-f4: 0).
       disc_weight: multiplies the adaptive weight (0.5 KL-f8, 0.75 VQ-f4); disc_factor: 1.0.
       ema_decay: generator EMA decay (with the ``(1 + s) / (10 + s)`` warm-up of ``step.py``).
-      last_layer: key path of the decoder's last conv kernel in ``params`` (default
+      last_layer_path: key path of the decoder's last conv kernel in ``params`` (default
         ``("decoder", "conv_out", "kernel")``), or a function ``params -> that leaf``.
     batch: ``{"image": (B, H, W, C)}`` float in ``[-1, 1]``.
     metrics (float32 scalars): ``loss`` (generator total), ``nll``, ``rec`` (mean pixel loss), ``kl`` or
@@ -194,8 +194,8 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
 
         # adaptive weight from the last decoder layer's gradients of nll and g_loss
         zero_aux = jax.tree.map(jnp.zeros_like, aux)
-        last_nll = select_leaf(ae_vjp((d_nll.astype(x_rec.dtype), zero_aux))[0], last_layer)
-        last_g = select_leaf(ae_vjp((d_g_x.astype(x_rec.dtype), zero_aux))[0], last_layer)
+        last_nll = select_leaf(ae_vjp((d_nll.astype(x_rec.dtype), zero_aux))[0], last_layer_path)
+        last_g = select_leaf(ae_vjp((d_g_x.astype(x_rec.dtype), zero_aux))[0], last_layer_path)
         d_weight = adaptive_weight(last_nll, last_g, disc_weight)
         gan_scale = d_weight * f
         ct_x = (d_nll + gan_scale * d_g_x).astype(x_rec.dtype)
