@@ -172,7 +172,8 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
 
     def reg_fn(aux):
         if kind == "kl":
-            kl = jnp.sum(aux.kl().astype(jnp.float32)) / aux.kl().shape[0]
+            per_example = aux.kl().astype(jnp.float32)
+            kl = jnp.sum(per_example) / per_example.shape[0]
             return kl_weight * kl, kl
         cb = jnp.mean(jnp.asarray(aux, jnp.float32))
         return codebook_weight * cb, cb
@@ -227,7 +228,8 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
             opt_state=keep(opt_state, state.opt_state), disc_params=keep(disc_params, state.disc_params),
             disc_opt_state=keep(disc_opt_state, state.disc_opt_state), bad_step=bad_step)
         f32 = lambda v: jnp.asarray(v, jnp.float32)
-        metrics = {"loss": f32(loss), "nll": f32(nll), "rec": f32(rec), ("kl" if kind == "kl" else "codebook"): f32(reg_raw),
+        metrics = {"loss": f32(loss), "nll": f32(nll), "rec": f32(rec),
+                   ("kl" if kind == "kl" else "codebook"): f32(reg_raw),
                    "p_loss": f32(p_loss), "g_loss": f32(g_loss), "gan_term": f32(gan_scale * g_loss),
                    "d_loss": f32(d_loss), "d_weight": f32(d_weight), "disc_factor": f32(f),
                    "logits_real": f32(jnp.mean(logits_real)), "logits_fake": f32(jnp.mean(logits_fake)),
@@ -250,9 +252,12 @@ def latent_scale_factor(encode_fn: Callable[[jax.Array], jax.Array], images: Any
     (``torch.std``'s default). Returns a Python float; raises ``ValueError`` on a zero or non-finite std.
     """
     images = np.asarray(images)
-    n = images.shape[0]
+    n = images.shape[0] if images.ndim else 0
+    if n == 0:
+        raise ValueError("latent_scale_factor: no images given")
     bs = n if batch_size is None else int(batch_size)
-    total, total_sq, count = 0.0, 0.0, 0
+    if bs < 1:
+        raise ValueError(f"latent_scale_factor: batch_size must be >= 1, got {batch_size}")
     chunks = [np.asarray(encode_fn(jnp.asarray(images[i:i + bs])), np.float64) for i in range(0, n, bs)]
     # two passes over the stored latents (mean, then centred squares) for accuracy
     count = sum(c.size for c in chunks)
