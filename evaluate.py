@@ -38,10 +38,7 @@ import warnings
 import jax
 import numpy as np
 
-from jaxdiff.metrics.features import FeatureExtractor, extract
-from jaxdiff.metrics.frechet import frechet_distance
-from jaxdiff.metrics.kid import kid
-from jaxdiff.metrics.precision_recall import precision_recall
+from jaxdiff.metrics.features import FeatureExtractor, extract, metrics_from_features
 from jaxdiff.metrics.quantize import CONVENTION, DEFAULT_ATOL, quantize_uint8
 from jaxdiff.metrics.stats import FeatureStats, load_stats, save_stats
 
@@ -220,32 +217,14 @@ def score(fake: FeatureAccumulator, feature_space: str, ref_stats=None, ref_feat
     feature spaces add the aliases ``fid``, ``kid``, ``inception_score``. Warnings (e.g. fewer samples
     than feature dimensions: singular covariance) are collected, deduplicated, under ``"warnings"``.
     """
-    from jaxdiff.metrics.inception_score import inception_score
-    fake_f, logits = fake.features, fake.logits
-    out: dict = {"feature_space": feature_space, "num_fake": int(fake_f.shape[0]),
-                 "num_real": None if ref_features is None else int(ref_features.shape[0])}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if ref_stats is None:
-            ref_stats = FeatureStats.from_features(ref_features).mu_sigma()
-        mu_r, sig_r = ref_stats
-        if mu_r.shape[0] != fake_f.shape[1]:
-            raise EvalError(f"reference statistics have feature dim {mu_r.shape[0]}, the {feature_space} "
-                            f"features have dim {fake_f.shape[1]}: wrong --ref_stats for --features?")
-        mu_f, sig_f = fake.stats.mu_sigma()
-        out["frechet_distance"] = frechet_distance(mu_r, sig_r, mu_f, sig_f)
-        if ref_features is not None:
-            out["kid_mean"], out["kid_std"] = kid(ref_features, fake_f, kid_subsets, kid_subset_size, seed)
-            out["precision"], out["recall"] = precision_recall(ref_features, fake_f, k=k)
-        if logits is not None:
-            splits = min(is_splits, fake_f.shape[0])
-            out["classifier_score_mean"], out["classifier_score_std"] = inception_score(logits, splits=splits)
-    if feature_space.lower().startswith("inception"):
-        out["fid"] = out["frechet_distance"]
-        if "kid_mean" in out:
-            out["kid"] = out["kid_mean"]
-        if "classifier_score_mean" in out:
-            out["inception_score"] = out["classifier_score_mean"]
+        try:
+            out = metrics_from_features(ref_features, fake.features, fake.logits, feature_space=feature_space,
+                                        real_stats=ref_stats, fake_stats=fake.stats, kid_subsets=kid_subsets,
+                                        kid_subset_size=kid_subset_size, k=k, is_splits=is_splits, seed=seed)
+        except ValueError as e:
+            raise EvalError(f"{e}: wrong --ref_stats / --ref_features for --features?") from None
     msgs: list[str] = []
     for w in caught:
         if str(w.message) not in msgs:
@@ -254,19 +233,10 @@ def score(fake: FeatureAccumulator, feature_space: str, ref_stats=None, ref_feat
     return out
 
 
-def _sample_chunks(sampler, params, labels, num: int, seed: int, batch: int):
-    """``(start, images (n, H, W, C) float32)`` chunks, exactly as ``sample.draw`` draws them (same key, offsets)."""
-    key = jax.random.key(seed)
-    for start in range(0, num, batch):
-        n = min(batch, num - start)
-        chunk_labels = None if labels is None else labels[start:start + n]
-        yield start, sampler(params, chunk_labels, key, num=n, offset=start)
-
-
 def evaluate_run(args) -> dict:
     """Sample ``args.num`` images from ``args.workdir`` and score them; returns the result dict."""
     from tqdm import tqdm
-    from sample import load_checkpoint, parse_labels
+    from sample import draw_chunks, load_checkpoint, parse_labels
     from jaxdiff.train_lib import checkpoint as ckpt
     from jaxdiff.train_lib.sampling import Sampler
 
@@ -313,7 +283,7 @@ def evaluate_run(args) -> dict:
     clipped = 0
     with tqdm(total=args.num, desc=f"sample+{extractor.name}", unit="img", disable=args.quiet) as bar:
         t = time.perf_counter()
-        for start, images in _sample_chunks(sampler, params, labels, args.num, args.seed, args.batch):
+        for start, images in draw_chunks(sampler, params, labels, args.num, args.seed, args.batch):
             t_sample += time.perf_counter() - t
             t = time.perf_counter()
             try:

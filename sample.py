@@ -90,15 +90,19 @@ def parse_labels(text: str | None, num: int, num_classes: int | None) -> np.ndar
     return np.resize(labels, num)
 
 
-def draw(sampler: Sampler, params, labels, num: int, seed: int, batch: int) -> np.ndarray:
-    """``num`` samples in chunks of ``batch`` (same result as one chunk; see ``Sampler``)."""
+def draw_chunks(sampler: Sampler, params, labels, num: int, seed: int, batch: int):
+    """Yield ``(start, images (n, H, W, C) float32)`` for ``num`` samples in chunks of ``batch``; any
+    chunking gives the same samples (see ``Sampler``)."""
     key = jax.random.key(seed)
-    chunks = []
     for start in range(0, num, batch):
         n = min(batch, num - start)
         chunk_labels = None if labels is None else labels[start:start + n]
-        chunks.append(sampler(params, chunk_labels, key, num=n, offset=start))
-    return np.concatenate(chunks)
+        yield start, sampler(params, chunk_labels, key, num=n, offset=start)
+
+
+def draw(sampler: Sampler, params, labels, num: int, seed: int, batch: int) -> np.ndarray:
+    """``num`` samples ``(num, H, W, C)`` drawn in chunks of ``batch`` (see :func:`draw_chunks`)."""
+    return np.concatenate([images for _, images in draw_chunks(sampler, params, labels, num, seed, batch)])
 
 
 def main(argv: list[str] | None = None) -> int:

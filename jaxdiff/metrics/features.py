@@ -167,40 +167,46 @@ def compute_metrics(extractor: FeatureExtractor, fake_images, real, *, batch_siz
 
 
 def metrics_from_features(real_features, fake_features, fake_logits=None, *, feature_space: str,
-                          real_stats=None, kid_subsets: int = 100, kid_subset_size: int = 1000, k: int = 3,
-                          is_splits: int = 10, seed: int = 0) -> dict:
+                          real_stats=None, fake_stats: FeatureStats | None = None, kid_subsets: int = 100,
+                          kid_subset_size: int = 1000, k: int = 3, is_splits: int = 10, seed: int = 0) -> dict:
     """:func:`compute_metrics` on already extracted features.
 
-    ``real_features``: ``(N_r, D)`` or ``None`` when ``real_stats`` (a :class:`FeatureStats` or a
-    ``(mu (D,), sigma (D, D))`` tuple) is given instead; ``fake_features``: ``(N_f, D)``;
-    ``fake_logits``: ``(N_f, K)`` or ``None``. ``feature_space``: name reported in the result (names
-    starting with "inception" add the ``fid`` / ``kid`` / ``inception_score`` aliases).
+    ``real_features``: ``(N_r, D)`` or ``None``; ``real_stats``: a :class:`FeatureStats` or a
+    ``(mu (D,), sigma (D, D))`` tuple. At least one is needed: the Frechet distance uses ``real_stats``
+    when given (else the statistics of ``real_features``); KID and precision/recall need
+    ``real_features``. ``fake_features``: ``(N_f, D)``; ``fake_stats``: their statistics if already
+    streamed (else computed here); ``fake_logits``: ``(N_f, K)`` or ``None``. ``feature_space``: name
+    reported in the result (names starting with "inception" add the ``fid`` / ``kid`` /
+    ``inception_score`` aliases). A dimension mismatch raises ValueError.
     """
     fake_f = np.asarray(fake_features, np.float64)
     if fake_f.ndim != 2:
         raise ValueError(f"metrics: fake features must be (N, D), got shape {fake_f.shape}")
-    out: dict = {"feature_space": feature_space, "num_fake": int(fake_f.shape[0])}
+    out: dict = {"feature_space": feature_space, "num_fake": int(fake_f.shape[0]), "num_real": None}
+    real_f = None
     if real_features is not None:
         real_f = np.asarray(real_features, np.float64)
         if real_f.ndim != 2 or real_f.shape[1] != fake_f.shape[1]:
             raise ValueError(f"metrics: real features {real_f.shape} and fake features {fake_f.shape} "
                              "must be (N, D) with the same D")
         out["num_real"] = int(real_f.shape[0])
+    if real_stats is not None:
+        ref = _real_reference(real_stats)
+        if ref is None:
+            raise ValueError("metrics: real reference must be features, FeatureStats or a (mu, sigma) tuple")
+        mu_r, sig_r, _ = ref
+        if isinstance(real_stats, FeatureStats):
+            out["num_real"] = int(real_stats.count)
+        if mu_r.shape[0] != fake_f.shape[1]:
+            raise ValueError(f"metrics: reference statistics have dim {mu_r.shape[0]}, "
+                             f"features have dim {fake_f.shape[1]}")
+    elif real_f is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rank check in frechet_distance reports it once
             mu_r, sig_r = FeatureStats.from_features(real_f).mu_sigma()
     else:
-        ref = _real_reference(real_stats)
-        if ref is None:
-            raise ValueError("metrics: real reference must be features, FeatureStats or a (mu, sigma) tuple")
-        mu_r, sig_r, real_f = ref
-        out["num_real"] = int(real_stats.count) if isinstance(real_stats, FeatureStats) else None
-        if mu_r.shape[0] != fake_f.shape[1]:
-            raise ValueError(f"metrics: reference statistics have dim {mu_r.shape[0]}, "
-                             f"features have dim {fake_f.shape[1]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mu_f, sig_f = FeatureStats.from_features(fake_f).mu_sigma()
+        raise ValueError("metrics: give real features and/or real statistics")
+    mu_f, sig_f = (fake_stats or FeatureStats.from_features(fake_f)).mu_sigma()   # warns when N <= D
     out["frechet_distance"] = frechet_distance(mu_r, sig_r, mu_f, sig_f)
     if real_f is not None:
         out["kid_mean"], out["kid_std"] = kid(real_f, fake_f, kid_subsets, kid_subset_size, seed)
