@@ -7,9 +7,9 @@ $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,data,parity,plots]"
-	# pytorch-fid (Inception parity tests) without its torchvision dependency: the PyPI torchvision
-	# wheel for torch 2.13 needs CUDA libraries; the tests stand in for the two torchvision layers used
-	$(PY) -m pip install -q --no-deps "pytorch-fid==0.3.0"
+	# pytorch-fid and lpips (parity tests) without their torchvision dependency: the PyPI torchvision
+	# wheel for torch 2.13 needs CUDA libraries; the tests stand in for the torchvision layers used
+	$(PY) -m pip install -q --no-deps "pytorch-fid==0.3.0" "lpips==0.1.4"
 	touch $(STAMP)
 
 .PHONY: setup test test-slow demo bench
