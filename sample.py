@@ -43,6 +43,9 @@ def load_checkpoint(workdir: str, step: int | None = None, mesh=None):
             raise FileNotFoundError(f"{directory} holds no committed checkpoint")
         config_dict = reader.read_config(step if step is not None else steps[-1])
         config = config_lib.config_from_dict(config_dict)
+        if config.task != "diffusion":
+            raise ValueError(f"{workdir} holds a {config.task!r} run, not a diffusion model; sample.py draws from "
+                             "diffusion models (reconstructions of an autoencoder are in its samples/ folder)")
         exp = build_experiment(config, mesh if mesh is not None else parallel.make_mesh())
         found = reader.restore(exp.abstract_sharded_state(), step)
     finally:

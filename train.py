@@ -29,11 +29,8 @@ from jaxdiff.nn.sharding import batch_sharding
 from jaxdiff.train_lib import checkpoint as ckpt
 from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib import flops as flops_lib
-from jaxdiff.train_lib.images import save_grid
 from jaxdiff.train_lib.experiment import build_experiment
-from jaxdiff.train_lib.sampling import Sampler
 from jaxdiff.train_lib.state import TrainState
-from jaxdiff.train_lib.step import make_train_step
 from jaxdiff.train_lib.writer import MetricWriter
 
 
@@ -93,13 +90,11 @@ def train(config, workdir: str, devices=None) -> dict:
     if b % data_shards or b % jax.process_count():
         raise ValueError(f"train.batch_size {b} must divide by the {data_shards} batch shards of the mesh "
                          f"and the {jax.process_count()} processes")
+    if config.task == "autoencoder" and config.train.grad_accum != 1:
+        raise ValueError("train.grad_accum must be 1 for task='autoencoder'")
     state = exp.init_state()
     state_sh = exp.state_shardings
-    conditional = exp.conditional
-    train_step = make_train_step(exp.apply, exp.loss_fn, exp.optimizer, exp.schedule, grad_accum=config.train.grad_accum,
-                                 label_dropout=config.train.label_dropout if conditional else 0.0,
-                                 null_class=config.model.num_classes if exp.unet.class_null else None,
-                                 ema_decay=config.train.ema_decay, conditional=conditional)
+    train_step = exp.make_train_step()
     image_sh, label_sh = batch_sharding(mesh, 4), batch_sharding(mesh, 1)
     batch_sh = {"image": image_sh, "label": label_sh}
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -125,13 +120,6 @@ def train(config, workdir: str, devices=None) -> dict:
     peak = flops_lib.peak_tflops(config.train.peak_tflops)
 
     writer = MetricWriter(workdir)
-    sampler = None
-    if config.train.sample_every:
-        sampler = Sampler(exp.apply, exp.process, prediction=config.loss.target, image_shape=(size, size, ch),
-                          solver=config.sample.solver, solver_kwargs=dict(config.sample.solver_kwargs),
-                          grid=config.sample.grid, steps=config.sample.steps,
-                          num_classes=config.model.num_classes if conditional else None,
-                          class_null=exp.unet.class_null, guidance_scale=config.sample.guidance_scale, mesh=mesh)
     config_dict = config_lib.to_dict(config)
     preemption = _Preemption()
     bar = None
@@ -175,8 +163,8 @@ def train(config, workdir: str, devices=None) -> dict:
                             f"lr {m['lr']:.2e} {rate:.2f} steps/s {m['images_per_s']:.0f} img/s "
                             f"{m['tflops_per_s']:.3f} TFLOP/s" + (f" MFU {m['mfu']:.1%}" if peak else ""))
                     bar.write(line) if bar is not None and not bar.disable else print(line, flush=True)
-            if sampler is not None and (step % config.train.sample_every == 0 or step == total):
-                _write_samples(sampler, state, config, workdir, step, is_main)
+            if config.train.sample_every and (step % config.train.sample_every == 0 or step == total):
+                exp.write_samples(state, batch["image"], workdir, step)
             if step % config.checkpoint.every == 0 or step == total:
                 save(step)
             if preemption.agreed():
@@ -187,6 +175,12 @@ def train(config, workdir: str, devices=None) -> dict:
                     print(f"SIGTERM: saved step {step}; exiting", flush=True)
                 break
         checkpointer.wait()
+        if step == total and not preempted:
+            extra = exp.finish(state, data_iter, workdir, step)
+            if extra:
+                writer.write(step, extra)
+                if is_main:
+                    print(" ".join(f"{k} {v:.6g}" for k, v in extra.items()), flush=True)
     finally:
         preemption.restore()
         if bar is not None:
@@ -197,17 +191,6 @@ def train(config, workdir: str, devices=None) -> dict:
             "final_loss": float(jax.device_get(metrics["loss"])) if metrics is not None else None,
             "params": multihost_utils.process_allgather(state.params, tiled=True)
             if jax.process_count() > 1 else jax.device_get(state.params)}
-
-
-def _write_samples(sampler: Sampler, state: TrainState, config, workdir: str, step: int, is_main: bool):
-    k = config.model.num_classes
-    n = config.sample.num
-    labels = np.arange(n) % k if sampler.num_classes else None
-    params = state.ema_params if config.sample.use_ema else state.params
-    images = sampler(params, labels, jax.random.key(config.sample.seed), num=n)
-    if is_main:
-        nrow = k if k and n % k == 0 else None
-        save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"), nrow=nrow, scale=2)
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

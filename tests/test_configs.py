@@ -21,6 +21,7 @@ EXPECTED_PARAMS = {
     "cifar10": (34e6, 38e6),         # DDPM's CIFAR-10 UNet: 35.7M
     "celeba64": (50e6, 120e6),       # DDPM-style, channels up to 512 at 64x64
     "imagenet64": (250e6, 320e6),    # ADM ImageNet-64: 296M
+    "ae_digits": (1e5, 2e6),         # f4 KL autoencoder on 32x32 digits (task="autoencoder")
 }
 
 
@@ -34,6 +35,10 @@ def _load(name):
 
 
 def _abstract_param_count(config) -> int:
+    if config.task == "autoencoder":
+        from jaxdiff.train_lib.ae_experiment import build_autoencoder
+        model = nnx.eval_shape(lambda: build_autoencoder(config, seed=config.seed))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
     _, params, _ = split_model(model)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -52,7 +57,8 @@ def test_config_builds_abstractly_with_a_sane_parameter_count(name):
     assert low <= n <= high, f"{name}: {n:,} parameters, expected {low:,.0f}..{high:,.0f}"
     # the batch splits over the mesh's fixed axis and every downsampling divides the image
     assert c.train.batch_size % max(c.mesh.fsdp, 1) == 0
-    assert c.data.image_size % 2 ** (len(c.model.block_out_channels) - 1) == 0
+    net = c.autoencoder if c.task == "autoencoder" else c.model
+    assert c.data.image_size % 2 ** (len(net.block_out_channels) - 1) == 0
 
 
 @pytest.mark.parametrize("name", _shipped())

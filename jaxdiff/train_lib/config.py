@@ -20,6 +20,7 @@ def default_config() -> ConfigDict:
     """Every key a training config may have, with defaults (a small class-conditional pixel model)."""
     c = ConfigDict()
     c.seed = 0
+    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion)
 
     c.data = ConfigDict(dict(
         name="digits/16",        # any TFDS image dataset prepared as array_record, or the embedded digits
@@ -48,6 +49,27 @@ def default_config() -> ConfigDict:
         dtype="float32",         # compute dtype: "float32" or "bfloat16"; parameters stay float32
         remat=False,
     ))
+    c.autoencoder = ConfigDict(dict(       # task="autoencoder" only (train_lib/ae_experiment.py)
+        kind="kl",               # "kl" (AutoencoderKL) | "vq" (VQModel)
+        block_out_channels=(32, 64, 64),   # len - 1 downsamplings: f4 here
+        layers_per_block=1,
+        latent_channels=3,
+        norm_num_groups=8,
+        mid_attention=True,
+        num_vq_embeddings=256,
+        rec_loss="l1",           # "l1" | "l2"
+        kl_weight=1e-6,
+        codebook_weight=1.0,
+        perceptual_weight=0.0,   # LPIPS; needs its weights on disk (lpips_weights or $JAXDIFF_LPIPS_WEIGHTS)
+        lpips_weights=None,
+        disc_start=50001,        # first step with the patch-GAN terms (CompVis KL-f8: 50001)
+        disc_weight=0.5,
+        disc_factor=1.0,
+        disc_channels=32,
+        disc_layers=2,
+        disc_lr=None,            # None: optim.lr
+        scale_images=1024,       # training images encoded to measure the latent scale factor
+    ))
     c.optim = ConfigDict(dict(lr=1e-3, warmup_steps=200, schedule="cosine",   # "cosine" | "constant"
                               end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                               clip_norm=1.0))
@@ -73,9 +95,14 @@ def _keys(cfg: ConfigDict) -> list[str]:
     return sorted(cfg.keys())
 
 
+TASKS = ("diffusion", "autoencoder")
+
+
 def validate(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
     """Raise ValueError naming any key of ``config`` that the schema (default: :func:`default_config`)
     lacks, with the valid keys at that level; free-form dicts (``*kwargs``, ``*_params``) are not checked."""
+    if schema is None and config.get("task", "diffusion") not in TASKS:
+        raise ValueError(f"config key 'task' must be one of {TASKS}, got {config.get('task')!r}")
     schema = default_config() if schema is None else schema
     for key in config.keys():
         if key not in schema:

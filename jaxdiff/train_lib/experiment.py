@@ -4,9 +4,11 @@ pure ``apply``, the optimizer, and the train state's abstract shape and sharding
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -18,7 +20,10 @@ from jaxdiff.nn.sharding import state_shardings
 from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib.model import build_model, make_apply, split_model, unet_config
 from jaxdiff.train_lib.optim import make_optimizer
+from jaxdiff.train_lib.images import save_grid
+from jaxdiff.train_lib.sampling import Sampler
 from jaxdiff.train_lib.state import TrainState, create_state
+from jaxdiff.train_lib.step import make_train_step
 
 
 @dataclasses.dataclass
@@ -37,6 +42,7 @@ class Experiment:
     abstract_state: TrainState  # shapes and dtypes, no shardings
     state_shardings: TrainState
     num_params: int
+    _sampler: Any = None
 
     @property
     def conditional(self) -> bool:
@@ -54,10 +60,52 @@ class Experiment:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
 
+    def make_train_step(self):
+        """``step(state, batch) -> (state, metrics)`` of ``train_lib.step`` for this config."""
+        c = self.config
+        return make_train_step(self.apply, self.loss_fn, self.optimizer, self.schedule,
+                               grad_accum=c.train.grad_accum,
+                               label_dropout=c.train.label_dropout if self.conditional else 0.0,
+                               null_class=c.model.num_classes if self.unet.class_null else None,
+                               ema_decay=c.train.ema_decay, conditional=self.conditional)
 
-def build_experiment(config, mesh: Mesh) -> Experiment:
-    """Validate ``config`` and build its :class:`Experiment` on ``mesh``."""
+    def sampler(self) -> Sampler:
+        """The ``config.sample`` sampler (built once)."""
+        if self._sampler is None:
+            c = self.config
+            size, ch = c.data.image_size, c.data.channels
+            self._sampler = Sampler(self.apply, self.process, prediction=c.loss.target, image_shape=(size, size, ch),
+                                    solver=c.sample.solver, solver_kwargs=dict(c.sample.solver_kwargs),
+                                    grid=c.sample.grid, steps=c.sample.steps,
+                                    num_classes=c.model.num_classes if self.conditional else None,
+                                    class_null=self.unet.class_null, guidance_scale=c.sample.guidance_scale,
+                                    mesh=self.mesh)
+        return self._sampler
+
+    def write_samples(self, state: TrainState, batch_images, workdir: str, step: int) -> None:
+        """``<workdir>/samples/step_*.png``: ``sample.num`` samples (classes cycled, one per column)."""
+        c = self.config
+        k, n = c.model.num_classes, c.sample.num
+        sampler = self.sampler()
+        labels = np.arange(n) % k if sampler.num_classes else None
+        params = state.ema_params if c.sample.use_ema else state.params
+        images = sampler(params, labels, jax.random.key(c.sample.seed), num=n)
+        if jax.process_index() == 0:
+            nrow = k if sampler.num_classes and n % k == 0 else None
+            save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"), nrow=nrow, scale=2)
+
+    def finish(self, state: TrainState, data_iter, workdir: str, step: int) -> dict:
+        """End-of-training hook (nothing to add for diffusion)."""
+        return {}
+
+
+def build_experiment(config, mesh: Mesh):
+    """Validate ``config`` and build its experiment on ``mesh``: an :class:`Experiment` for
+    ``task="diffusion"``, an ``ae_experiment.AutoencoderExperiment`` for ``task="autoencoder"``."""
     config_lib.validate(config)
+    if config.task == "autoencoder":
+        from jaxdiff.train_lib.ae_experiment import build_autoencoder_experiment
+        return build_autoencoder_experiment(config, mesh)
     process = make_process(config.process.name, **dict(config.process.kwargs))
     loss_fn = losses.make_denoising_loss(process, target=config.loss.target,
                                          time_sampling=config.loss.time_sampling,
