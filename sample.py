@@ -134,11 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workdir:
             exp, state, step = load_checkpoint(args.workdir, args.step)
-            model = dict(apply=exp.apply, params=state.params if args.raw else state.ema_params,
-                         process=exp.process, prediction=exp.config.loss.target,
+            model = dict(params=state.params if args.raw else state.ema_params,
                          image_shape=(exp.config.data.image_size,) * 2 + (exp.config.data.channels,),
-                         num_classes=exp.config.model.num_classes if exp.conditional else None,
-                         class_null=exp.unet.class_null, mesh=exp.mesh, step=step)
+                         num_classes=exp.config.model.num_classes if exp.conditional else None, step=step)
             cfg = exp.config.sample
         else:
             model = load_diffusers_model(args.diffusers)
@@ -151,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num and --batch must be positive, got {args.num}, {args.batch}")
         num_classes = model["num_classes"]
         labels = parse_labels(args.labels, args.num, num_classes)
-        sampler = Sampler(model["apply"], model["process"], prediction=model["prediction"],
-                          image_shape=model["image_shape"], solver=solver, solver_kwargs=solver_kwargs, grid=grid,
-                          steps=steps, num_classes=num_classes, class_null=model["class_null"],
-                          guidance_scale=args.guidance_scale, mesh=model["mesh"])
+        settings = dict(solver=solver, solver_kwargs=solver_kwargs, grid=grid, steps=steps,
+                        guidance_scale=args.guidance_scale)
+        if args.workdir:     # the experiment's sampler (latent models decode)
+            sampler = exp.sampler(**settings)
+        else:
+            sampler = Sampler(model["apply"], model["process"], prediction=model["prediction"],
+                              image_shape=model["image_shape"], num_classes=num_classes,
+                              class_null=model["class_null"], mesh=model["mesh"], **settings)
     except (ValueError, FileNotFoundError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ sys.path.insert(0, ROOT)
 
 import sample as sample_script  # noqa: E402
 from jaxdiff.metrics.digits import digits_quality  # noqa: E402
-from jaxdiff.train_lib.sampling import Sampler  # noqa: E402
 
 SOLVERS = {                       # name -> (solver, solver_kwargs)
     "DDIM": ("ddim", {}),
@@ -41,11 +40,7 @@ GUIDANCE = (None, 1.5, 3.0)
 
 
 def score(exp, params, solver, kwargs, grid, steps, guidance, num, seed) -> dict:
-    size, ch = exp.config.data.image_size, exp.config.data.channels
-    sampler = Sampler(exp.apply, exp.process, prediction=exp.config.loss.target, image_shape=(size, size, ch),
-                      solver=solver, solver_kwargs=kwargs, grid=grid, steps=steps,
-                      num_classes=exp.config.model.num_classes, class_null=exp.unet.class_null,
-                      guidance_scale=guidance, mesh=exp.mesh)
+    sampler = exp.sampler(solver=solver, solver_kwargs=kwargs, grid=grid, steps=steps, guidance_scale=guidance)
     labels = np.arange(num) % exp.config.model.num_classes
     t0 = time.perf_counter()
     images = sample_script.draw(sampler, params, labels, num, seed, batch=num)

@@ -22,6 +22,8 @@ EXPECTED_PARAMS = {
     "celeba64": (50e6, 120e6),       # DDPM-style, channels up to 512 at 64x64
     "imagenet64": (250e6, 320e6),    # ADM ImageNet-64: 296M
     "ae_digits": (1e5, 2e6),         # f4 KL autoencoder on 32x32 digits (task="autoencoder")
+    "ae_photos": (1e5, 2e6),         # the same on 32x32 photo crops
+    "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
 }
 
 
@@ -58,7 +60,8 @@ def test_config_builds_abstractly_with_a_sane_parameter_count(name):
     # the batch splits over the mesh's fixed axis and every downsampling divides the image
     assert c.train.batch_size % max(c.mesh.fsdp, 1) == 0
     net = c.autoencoder if c.task == "autoencoder" else c.model
-    assert c.data.image_size % 2 ** (len(net.block_out_channels) - 1) == 0
+    size = c.latent.size if c.latent.autoencoder else c.data.image_size
+    assert size % 2 ** (len(net.block_out_channels) - 1) == 0
 
 
 @pytest.mark.parametrize("name", _shipped())

@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxdiff.data import transforms
 from jaxdiff.data.digits import TFDS_NAME as _DIGITS, TFDS_RESOLUTIONS as _DIGITS_RES
+from jaxdiff.data.photos import TFDS_NAME as _PHOTOS
 
 DIGITS_DATA_DIR = "~/.cache/jaxdiff/tensorflow_datasets"
 _PERMUTATION_TAG, _AUGMENT_TAG = 0, 1
@@ -51,8 +52,8 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
 
     ``source[i]`` is the decoded example dict, e.g. ``{"image": (H, W, C) uint8, "label": int}``;
     ``len(source)`` is the number of examples in ``split`` (TFDS slicing such as
-    ``"train[:90%]"`` is supported). ``digits/16`` and ``digits/32`` are built locally first
-    (default ``data_dir``: ``~/.cache/jaxdiff/tensorflow_datasets``); any other dataset must
+    ``"train[:90%]"`` is supported). The embedded ``digits/16``, ``digits/32`` and ``photo_crops/32``
+    are built locally first (default ``data_dir``: ``~/.cache/jaxdiff/tensorflow_datasets``); any other dataset must
     already be prepared under ``data_dir`` (None: the TFDS default). Nothing is downloaded.
     """
     import tensorflow_datasets as tfds
@@ -61,6 +62,10 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         from jaxdiff.data.digits import build_digits
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
         build_digits(data_dir, resolution)
+    elif name.split(":")[0] in (_PHOTOS, _PHOTOS + "/32"):
+        from jaxdiff.data.photos import build_photo_crops
+        data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
+        build_photo_crops(data_dir)
     elif data_dir is not None:
         data_dir = os.path.expanduser(os.fspath(data_dir))
     where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
@@ -70,7 +75,7 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"dataset {name!r} not found in {where}; {how} "
-                         f"(or use 'digits/16', 'digits/32')") from e
+                         f"(or use 'digits/16', 'digits/32', 'photo_crops/32')") from e
     if not builder.is_prepared():
         raise ValueError(f"dataset {name!r} is not prepared in {where}; {how}")
     file_format = builder.info.file_format

@@ -71,6 +71,7 @@ class AutoencoderExperiment:
     ae_apply: Callable          # (params, x, key) -> (x_rec, posterior | codebook loss)
     disc_apply: Callable        # (disc_params, x) -> logits
     encode: Callable            # (params, x) -> latents (posterior mode / pre-quantization), unscaled
+    merged: Callable            # params -> the autoencoder module (for decode)
     lpips_fn: Callable | None
     gen_opt: optax.GradientTransformation
     disc_opt: optax.GradientTransformation
@@ -215,7 +216,7 @@ def build_autoencoder_experiment(config, mesh: Mesh) -> AutoencoderExperiment:
                                       disc_opt_state=opt_sh(disc_opt, abstract.disc_opt_state, d_sh),
                                       ema_params=p_sh, rng=replicated, bad_step=replicated)
     n = sum(int(x.size) for x in jax.tree.leaves(params))
-    return AutoencoderExperiment(config=config, mesh=mesh, ae_apply=ae_apply, disc_apply=disc_apply, encode=encode,
+    return AutoencoderExperiment(config=config, mesh=mesh, ae_apply=ae_apply, disc_apply=disc_apply, encode=encode, merged=merged,
                                  lpips_fn=_lpips(config), gen_opt=gen_opt, disc_opt=disc_opt, schedule=schedule,
                                  init=(params, disc_params), abstract_state=abstract, state_shardings=shardings,
                                  num_params=n)

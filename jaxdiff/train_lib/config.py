@@ -70,6 +70,11 @@ def default_config() -> ConfigDict:
         disc_lr=None,            # None: optim.lr
         scale_images=1024,       # training images encoded to measure the latent scale factor
     ))
+    c.latent = ConfigDict(dict(          # latent diffusion: train on a frozen autoencoder's latents
+        autoencoder=None,        # workdir of a finished task="autoencoder" run; None = pixel diffusion
+        size=None,               # latent height/width (image_size / f), checked against the autoencoder
+        channels=None,           # latent channels, checked against the autoencoder
+    ))
     c.optim = ConfigDict(dict(lr=1e-3, warmup_steps=200, schedule="cosine",   # "cosine" | "constant"
                               end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                               clip_norm=1.0))

@@ -42,6 +42,7 @@ class Experiment:
     abstract_state: TrainState  # shapes and dtypes, no shardings
     state_shardings: TrainState
     num_params: int
+    autoencoder: Any = None     # latent.FrozenAutoencoder for latent diffusion, else None
     _sampler: Any = None
 
     @property
@@ -60,27 +61,47 @@ class Experiment:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
 
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` the network sees: the images, or the latents of latent diffusion."""
+        if self.autoencoder is not None:
+            return self.autoencoder.shape
+        c = self.config.data
+        return (c.image_size, c.image_size, c.channels)
+
     def make_train_step(self):
-        """``step(state, batch) -> (state, metrics)`` of ``train_lib.step`` for this config."""
+        """``step(state, batch) -> (state, metrics)`` of ``train_lib.step`` for this config; latent
+        diffusion first encodes the batch's images with the frozen autoencoder."""
         c = self.config
-        return make_train_step(self.apply, self.loss_fn, self.optimizer, self.schedule,
+        step = make_train_step(self.apply, self.loss_fn, self.optimizer, self.schedule,
                                grad_accum=c.train.grad_accum,
                                label_dropout=c.train.label_dropout if self.conditional else 0.0,
                                null_class=c.model.num_classes if self.unet.class_null else None,
                                ema_decay=c.train.ema_decay, conditional=self.conditional)
+        if self.autoencoder is None:
+            return step
+        encode = self.autoencoder.encode
 
-    def sampler(self) -> Sampler:
-        """The ``config.sample`` sampler (built once)."""
-        if self._sampler is None:
-            c = self.config
-            size, ch = c.data.image_size, c.data.channels
-            self._sampler = Sampler(self.apply, self.process, prediction=c.loss.target, image_shape=(size, size, ch),
-                                    solver=c.sample.solver, solver_kwargs=dict(c.sample.solver_kwargs),
-                                    grid=c.sample.grid, steps=c.sample.steps,
-                                    num_classes=c.model.num_classes if self.conditional else None,
-                                    class_null=self.unet.class_null, guidance_scale=c.sample.guidance_scale,
-                                    mesh=self.mesh)
-        return self._sampler
+        def latent_step(state, batch):
+            return step(state, {**batch, "image": jax.lax.stop_gradient(encode(batch["image"]))})
+        return latent_step
+
+    def sampler(self, **overrides) -> Sampler:
+        """A sampler with ``config.sample``'s settings, any of solver, solver_kwargs, grid, steps,
+        guidance_scale overridden (the config's own sampler is built once); latent models decode."""
+        c = self.config
+        if not overrides and self._sampler is not None:
+            return self._sampler
+        settings = dict(solver=c.sample.solver, solver_kwargs=dict(c.sample.solver_kwargs), grid=c.sample.grid,
+                        steps=c.sample.steps, guidance_scale=c.sample.guidance_scale)
+        settings.update(overrides)
+        sampler = Sampler(self.apply, self.process, prediction=c.loss.target, image_shape=self.model_shape,
+                          num_classes=c.model.num_classes if self.conditional else None,
+                          class_null=self.unet.class_null, mesh=self.mesh,
+                          decode=self.autoencoder.decode if self.autoencoder is not None else None, **settings)
+        if not overrides:
+            self._sampler = sampler
+        return sampler
 
     def write_samples(self, state: TrainState, batch_images, workdir: str, step: int) -> None:
         """``<workdir>/samples/step_*.png``: ``sample.num`` samples (classes cycled, one per column)."""
@@ -128,6 +149,12 @@ def build_experiment(config, mesh: Mesh):
     shardings = TrainState(step=replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,
                            rng=replicated, bad_step=replicated)
     n = sum(int(x.size) for x in jax.tree.leaves(params))
+    autoencoder = None
+    if config.latent.autoencoder:
+        from jaxdiff.train_lib.latent import check_latent_config, load_frozen_autoencoder
+        autoencoder = load_frozen_autoencoder(config.latent.autoencoder, config.data.image_size)
+        check_latent_config(config, autoencoder)
     return Experiment(config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet_config(config),
                       apply=make_apply(graphdef, rest), optimizer=optimizer, schedule=schedule,
-                      init_params=params, abstract_state=abstract, state_shardings=shardings, num_params=n)
+                      init_params=params, abstract_state=abstract, state_shardings=shardings, num_params=n,
+                      autoencoder=autoencoder)

@@ -43,12 +43,14 @@ class Sampler:
       num_classes: classes of a conditional model (None: unconditional); ``class_null``: it has a null class.
       guidance_scale: classifier-free guidance scale (None: plain conditional sampling).
       mesh: shard the batch over it (its data and fsdp axes); None: default device placement.
+      decode: latent diffusion: ``decode(z (N, h, w, c)) -> images``, applied in the same program
+        (``image_shape`` is then the latent shape).
     """
 
     def __init__(self, apply: Callable, process, *, prediction: str, image_shape: tuple[int, int, int],
                  solver: str = "dpm_solver++", solver_kwargs: dict | None = None, grid: str = "uniform_logsnr",
                  steps: int = 20, num_classes: int | None = None, class_null: bool = False,
-                 guidance_scale: float | None = None, mesh: Mesh | None = None):
+                 guidance_scale: float | None = None, mesh: Mesh | None = None, decode: Callable | None = None):
         if guidance_scale is not None and not class_null:
             raise ValueError("guidance_scale needs a model trained with label dropout (a null class); this "
                              "model has none: set sample.guidance_scale=None")
@@ -59,6 +61,10 @@ class Sampler:
         null = num_classes if class_null else None
 
         def draw(params, x_T, labels, key):
+            x = solve(params, x_T, labels, key)
+            return decode(x).astype(jnp.float32) if decode is not None else x
+
+        def solve(params, x_T, labels, key):
             denoiser = make_denoiser(apply, params, process)
             if num_classes is None:
                 return sample(denoiser, process, x_T, self.grid, solver=self.solver, prediction=prediction, key=key)

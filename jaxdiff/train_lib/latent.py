@@ -1,0 +1,89 @@
+"""Latent diffusion's frozen first stage: a trained autoencoder run (``task="autoencoder"``) loaded as
+``encode`` (images -> scaled latents) and ``decode`` (scaled latents -> images) for a diffusion model
+trained on its latents (``config.latent.autoencoder``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff.train_lib import checkpoint as ckpt
+from jaxdiff.train_lib import config as config_lib
+from jaxdiff.train_lib.ae_experiment import SCALE_FILE
+
+
+@dataclasses.dataclass
+class FrozenAutoencoder:
+    """``encode(x (B,H,W,C) in [-1,1]) -> (B,h,w,c)`` latents times ``scale``; ``decode`` the inverse map
+    back to images. ``shape``: ``(h, w, c)`` for the config's image size. Parameters: the run's EMA."""
+
+    workdir: str
+    step: int
+    scale: float
+    shape: tuple[int, int, int]
+    encode: Callable[[jax.Array], jax.Array]
+    decode: Callable[[jax.Array], jax.Array]
+
+
+def load_frozen_autoencoder(workdir: str, image_size: int) -> FrozenAutoencoder:
+    """The autoencoder of a finished ``task="autoencoder"`` run in ``workdir``; raises ValueError naming
+    what is missing (no checkpoint, not an autoencoder run, no measured latent scale)."""
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise ValueError(f"latent.autoencoder={workdir!r}: no autoencoder checkpoint there (train one with "
+                         f"python train.py --config configs/ae_digits.py --workdir {workdir})")
+    reader = ckpt.Checkpointer(directory, async_save=False)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise ValueError(f"latent.autoencoder={workdir!r}: {directory} holds no committed checkpoint")
+        ae_config = config_lib.config_from_dict(reader.read_config(steps[-1]))
+        if ae_config.task != "autoencoder":
+            raise ValueError(f"latent.autoencoder={workdir!r} is a {ae_config.task!r} run, not an autoencoder")
+        scale_path = os.path.join(workdir, SCALE_FILE)
+        if not os.path.exists(scale_path):
+            raise ValueError(f"latent.autoencoder={workdir!r} has no {SCALE_FILE}: its training has not finished "
+                             "(the latent scale factor is measured at the end)")
+        with open(scale_path) as f:
+            scale = float(json.load(f)["scale_factor"])
+        exp = build_experiment(ae_config, make_mesh(1, 1, jax.devices()[:1]))
+        step, state, _, _ = reader.restore(exp.abstract_sharded_state())
+    finally:
+        reader.close()
+    params = jax.device_get(state.ema_params)
+    a = ae_config.autoencoder
+    f = 2 ** (len(a.block_out_channels) - 1)
+    if image_size % f:
+        raise ValueError(f"image_size {image_size} is not divisible by the autoencoder's factor {f}")
+    merged = exp.merged
+
+    def encode(x):
+        return exp.encode(params, x) * scale
+
+    def decode(z):
+        return merged(params).decode(z / scale)
+
+    return FrozenAutoencoder(workdir=workdir, step=step, scale=scale,
+                             shape=(image_size // f, image_size // f, a.latent_channels), encode=encode, decode=decode)
+
+
+def check_latent_config(config, ae: FrozenAutoencoder) -> None:
+    """ValueError unless ``config.latent.size`` / ``.channels`` equal the autoencoder's latent shape and the
+    data's channels its input channels."""
+    want = (config.latent.size, config.latent.size, config.latent.channels)
+    if want != ae.shape:
+        raise ValueError(f"latent shape {want} (latent.size, latent.channels) does not match the autoencoder in "
+                         f"{ae.workdir}: it maps {config.data.image_size}x{config.data.image_size} images to "
+                         f"{ae.shape} latents")
+
+
+def apply_to_images(fn: Callable, batch: dict) -> dict:
+    """``batch`` with ``"image"`` replaced by ``fn(image)`` (a jit-friendly helper)."""
+    return {**batch, "image": fn(jnp.asarray(batch["image"]))}
+

@@ -1,0 +1,78 @@
+"""Latent diffusion end to end on the real digits: a tiny autoencoder run, a diffusion model trained on its
+scaled latents (encoded inside the step), sample.py decoding to images, and the named errors."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from test_train import data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
+from test_train_autoencoder import ae_config
+
+import sample as sample_script  # noqa: E402
+import train as train_script  # noqa: E402
+
+
+
+def _one():
+    return jax.devices()[:1]
+
+
+def latent_config(data_dir, ae_workdir, steps=3, size=8, channels=2, **train):  # noqa: F811
+    c = tiny_config(data_dir, train=dict(steps=steps, batch_size=16, log_every=1, sample_every=steps,
+                                         ema_decay=0.9, label_dropout=0.2, **train))
+    c.model.block_out_channels = (8, 16)
+    c.latent.autoencoder = ae_workdir
+    c.latent.size, c.latent.channels = size, channels
+    c.sample.num, c.sample.steps = 10, 3
+    return c
+
+
+@pytest.fixture(scope="module")
+def ae_run(data_dir, tmp_path_factory):  # noqa: F811
+    """A 4-step f2 KL autoencoder on 16x16 digits: 8x8x2 latents."""
+    workdir = str(tmp_path_factory.mktemp("ae") / "ae")
+    train_script.train(ae_config(data_dir, 4), workdir, devices=_one())
+    return workdir
+
+
+def test_latent_diffusion_trains_on_scaled_latents_and_samples_decode(tmp_path, data_dir, ae_run):  # noqa: F811
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    c = latent_config(data_dir, ae_run)
+    exp = build_experiment(c, make_mesh(1, 1, _one()))
+    assert exp.model_shape == (8, 8, 2) and exp.unet.in_channels == 2
+    scale = json.load(open(f"{ae_run}/latent_scale.json"))["scale_factor"]
+    assert exp.autoencoder.scale == scale
+    x = np.zeros((2, 16, 16, 1), np.float32)
+    z = np.asarray(exp.autoencoder.encode(x))
+    assert z.shape == (2, 8, 8, 2)
+    assert np.asarray(exp.autoencoder.decode(z)).shape == (2, 16, 16, 1)
+
+    workdir = str(tmp_path / "ldm")
+    out = train_script.train(c, workdir, devices=_one())
+    assert out["step"] == 3 and np.isfinite(out["final_loss"])
+    assert (tmp_path / "ldm" / "samples" / "step_0000003.png").exists()
+    rc = sample_script.main(["--workdir", workdir, "--num", "6", "--steps", "3", "--guidance_scale", "2",
+                             "--out", str(tmp_path / "s")])
+    assert rc == 0
+    images = np.load(tmp_path / "s" / "samples.npz")["images"]
+    assert images.shape == (6, 16, 16, 1) and np.all(np.isfinite(images))
+
+
+def test_latent_configuration_errors(tmp_path, data_dir, ae_run):  # noqa: F811
+    with pytest.raises(ValueError, match=r"latent shape \(4, 4, 2\).*does not match the autoencoder.*\(8, 8, 2\)"):
+        train_script.train(latent_config(data_dir, ae_run, size=4), str(tmp_path / "a"), devices=_one())
+    with pytest.raises(ValueError, match="no autoencoder checkpoint there"):
+        train_script.train(latent_config(data_dir, str(tmp_path / "missing")), str(tmp_path / "b"), devices=_one())
+    c = latent_config(data_dir, ae_run)
+    c.latent.size = None
+    with pytest.raises(ValueError, match="give latent.size and latent.channels"):
+        train_script.train(c, str(tmp_path / "c"), devices=_one())
+    pixel_run = str(tmp_path / "pixel")
+    train_script.train(tiny_config(data_dir, train=dict(steps=1, batch_size=16, sample_every=0)), pixel_run,
+                       devices=_one())
+    with pytest.raises(ValueError, match="is a 'diffusion' run, not an autoencoder"):
+        train_script.train(latent_config(data_dir, pixel_run), str(tmp_path / "d"), devices=_one())
