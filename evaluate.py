@@ -238,7 +238,6 @@ def evaluate_run(args) -> dict:
     from tqdm import tqdm
     from sample import draw_chunks, load_checkpoint, parse_labels
     from jaxdiff.train_lib import checkpoint as ckpt
-    from jaxdiff.train_lib.sampling import Sampler
 
     if args.ref_stats is None and args.ref_features is None:
         raise EvalError("give the reference: --ref_stats stats.npz (mu, sigma) and/or --ref_features features.npz "
@@ -272,10 +271,8 @@ def evaluate_run(args) -> dict:
     grid, steps = args.grid or cfg.grid, args.steps or cfg.steps
     num_classes = exp.config.model.num_classes if exp.conditional else None
     labels = parse_labels(args.labels, args.num, num_classes)
-    sampler = Sampler(exp.apply, exp.process, prediction=exp.config.loss.target, image_shape=(size, size, ch),
-                      solver=solver, solver_kwargs=solver_kwargs, grid=grid, steps=steps,
-                      num_classes=num_classes, class_null=exp.unet.class_null,
-                      guidance_scale=args.guidance_scale, mesh=exp.mesh)
+    sampler = exp.sampler(solver=solver, solver_kwargs=solver_kwargs, grid=grid, steps=steps,
+                          guidance_scale=args.guidance_scale)      # latent models decode
     params = state.params if args.raw else state.ema_params
     fb, sharding = feature_batch_and_sharding(args.batch)
     acc = FeatureAccumulator(extractor, fb, sharding)
