@@ -76,3 +76,26 @@ def test_latent_configuration_errors(tmp_path, data_dir, ae_run):  # noqa: F811
                        devices=_one())
     with pytest.raises(ValueError, match="is a 'diffusion' run, not an autoencoder"):
         train_script.train(latent_config(data_dir, pixel_run), str(tmp_path / "d"), devices=_one())
+
+
+@pytest.mark.parity
+def test_a_diffusers_vae_folder_is_a_frozen_first_stage(tmp_path, data_dir):  # noqa: F811
+    """A diffusers AutoencoderKL saved by diffusers serves as latent.autoencoder: its scaling factor is used
+    and encode/decode equal the converted model's to_latents/from_latents."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.convert import load_autoencoder_kl
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  latent_channels=2, norm_num_groups=4, layers_per_block=1, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "pipe" / "vae")
+    c = latent_config(data_dir, str(tmp_path / "pipe"))
+    out = train_script.train(c, str(tmp_path / "ldm"), devices=_one())
+    assert out["step"] == 3 and np.isfinite(out["final_loss"])
+    from jaxdiff.train_lib.latent import load_frozen_autoencoder
+    ae = load_frozen_autoencoder(str(tmp_path / "pipe"), 16)
+    assert ae.scale == 0.5 and ae.shape == (8, 8, 2)
+    ref = load_autoencoder_kl(str(tmp_path / "pipe" / "vae"))
+    x = np.linspace(-1, 1, 2 * 16 * 16, dtype=np.float32).reshape(2, 16, 16, 1)
+    np.testing.assert_allclose(np.asarray(ae.encode(x)), np.asarray(ref.to_latents(x)), rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Latent diffusion's frozen first stage: a trained autoencoder run (``task="autoencoder"``) loaded as
-``encode`` (images -> scaled latents) and ``decode`` (scaled latents -> images) for a diffusion model
-trained on its latents (``config.latent.autoencoder``)."""
+"""Latent diffusion's frozen first stage: a trained autoencoder run (``task="autoencoder"``) or a diffusers
+``AutoencoderKL`` folder (e.g. Stable Diffusion's ``vae/``), loaded as ``encode`` (images -> scaled
+latents) and ``decode`` (scaled latents -> images) for a diffusion model trained on its latents
+(``config.latent.autoencoder``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,12 @@ class FrozenAutoencoder:
 
 
 def load_frozen_autoencoder(workdir: str, image_size: int) -> FrozenAutoencoder:
-    """The autoencoder of a finished ``task="autoencoder"`` run in ``workdir``; raises ValueError naming
-    what is missing (no checkpoint, not an autoencoder run, no measured latent scale)."""
+    """The autoencoder of a finished ``task="autoencoder"`` run in ``workdir`` (or of a diffusers
+    ``AutoencoderKL`` folder, see :func:`load_diffusers_autoencoder`); raises ValueError naming what is
+    missing (no checkpoint, not an autoencoder run, no measured latent scale)."""
+    for folder in (workdir, os.path.join(workdir, "vae")):
+        if os.path.exists(os.path.join(folder, "config.json")):
+            return load_diffusers_autoencoder(folder, image_size)
     from jaxdiff.parallel import make_mesh
     from jaxdiff.train_lib.experiment import build_experiment
     directory = os.path.join(workdir, "checkpoints")
@@ -71,6 +76,29 @@ def load_frozen_autoencoder(workdir: str, image_size: int) -> FrozenAutoencoder:
 
     return FrozenAutoencoder(workdir=workdir, step=step, scale=scale,
                              shape=(image_size // f, image_size // f, a.latent_channels), encode=encode, decode=decode)
+
+
+def load_diffusers_autoencoder(folder: str, image_size: int) -> FrozenAutoencoder:
+    """A diffusers ``AutoencoderKL`` folder (``config.json`` + weights) as the frozen first stage, with the
+    ``scaling_factor`` (and ``shift_factor``) of its config, as Stable Diffusion uses it."""
+    from flax import nnx
+
+    from jaxdiff.convert import load_autoencoder_kl
+    model = load_autoencoder_kl(folder)
+    c = model.config
+    f = c.downsample_factor
+    if image_size % f:
+        raise ValueError(f"image_size {image_size} is not divisible by the autoencoder's factor {f}")
+    graphdef, state = nnx.split(model)
+
+    def encode(x):
+        return nnx.merge(graphdef, state).to_latents(x)
+
+    def decode(z):
+        return nnx.merge(graphdef, state).from_latents(z)
+
+    return FrozenAutoencoder(workdir=folder, step=-1, scale=float(c.scaling_factor),
+                             shape=(image_size // f, image_size // f, c.latent_channels), encode=encode, decode=decode)
 
 
 def check_latent_config(config, ae: FrozenAutoencoder) -> None:
