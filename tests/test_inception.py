@@ -292,12 +292,13 @@ def test_missing_file_says_where_to_get_it(tmp_path, monkeypatch):
 def _layout_state_dict():
     """Zero numpy state dict with pytorch-fid's keys and shapes, from jaxdiff's own table."""
     from flax import nnx
-    from jaxdiff.convert.inception import _torch_shape, inception_variable_table
+    from jaxdiff.convert.inception import inception_variable_table
+    from jaxdiff.convert.keys import expected_shape_torch
     from jaxdiff.nn.inception import InceptionV3FID
 
     model = nnx.eval_shape(lambda: InceptionV3FID(rngs=None))
     table = inception_variable_table(model)
-    sd = {k: np.zeros(_torch_shape(str(p[-1]), tuple(v.get_value().shape)), np.float32)
+    sd = {k: np.zeros(expected_shape_torch(str(p[-1]), tuple(v.get_value().shape)), np.float32)
           for k, (p, v) in table.items()}
     return model, sd
 

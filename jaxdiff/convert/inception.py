@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff.convert.keys import CheckpointMismatchError
+from jaxdiff.convert.keys import CheckpointMismatchError, expected_shape_torch
 from jaxdiff.nn.inception import InceptionV3FID
 
 WEIGHTS_ENV = "JAXDIFF_INCEPTION_WEIGHTS"
@@ -88,14 +88,6 @@ def inception_variable_table(model: InceptionV3FID) -> dict:
     return table
 
 
-def _torch_shape(leaf: str, shape: tuple) -> tuple:
-    if leaf == "kernel" and len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if leaf == "kernel" and len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
 def _to_jax(leaf: str, arr: np.ndarray) -> np.ndarray:
     if leaf == "kernel" and arr.ndim == 4:
         return arr.transpose(2, 3, 1, 0)
@@ -121,7 +113,7 @@ def load_inception_state_dict(model: InceptionV3FID, sd: dict, *, what: str = "I
         if k not in sd:
             continue
         leaf = str(path[-1])
-        want = _torch_shape(leaf, tuple(var.get_value().shape))
+        want = expected_shape_torch(leaf, tuple(var.get_value().shape))
         arr = np.asarray(sd[k])
         if tuple(arr.shape) != want:
             bad.append((k, want, tuple(arr.shape)))
