@@ -78,3 +78,11 @@ def test_autoencoder_config_errors(tmp_path, data_dir, monkeypatch):  # noqa: F8
         from jaxdiff.parallel import make_mesh
         from jaxdiff.train_lib.experiment import build_experiment
         build_experiment(ae_config(data_dir, 1, perceptual_weight=1.0), make_mesh(1, 1, jax.devices()[:1]))
+
+
+def test_vq_autoencoder_trains_through_train_py(tmp_path, data_dir):  # noqa: F811
+    c = ae_config(data_dir, 2, kind="vq", num_vq_embeddings=16)
+    out = train_script.train(c, str(tmp_path / "vq"), devices=jax.devices()[:1])
+    assert out["step"] == 2
+    m = [r for r in read_metrics(str(tmp_path / "vq")) if "codebook" in r]
+    assert len(m) == 2 and all(np.isfinite(r["codebook"]) and r["codebook"] > 0 for r in m)
