@@ -7,7 +7,8 @@ trained with the CompVis recipe: L1 reconstruction + 1e-6 KL, a patch-GAN discri
 adaptive weight 0.5) switched on at step 600 of 1,200, Adam (0.5, 0.9). The LPIPS term is on when its weights
 are on disk ($JAXDIFF_LPIPS_WEIGHTS; never downloaded), otherwise a warning says it is off. At the end the
 latent scale factor (1 / std of the latents) is measured on 1,024 training images and written to
-runs/ae_digits/latent_scale.json. Runtime on 2 CPU cores: see docs/autoencoders.md.
+runs/ae_digits/latent_scale.json. 1,200 steps: 13.5 min on 2 CPU cores (1.55 steps/s); held-out PSNR
+43.7 dB (docs/autoencoders.md).
 """
 from jaxdiff.train_lib.config import default_config
 

@@ -6,8 +6,9 @@ autoencoder of configs/ae_digits.py (train that first), sampled and decoded to 3
     python sample.py --workdir runs/ldm_digits --steps 20 --guidance_scale 2 --eval digits
 
 Images are encoded on the fly inside the jitted step with the frozen autoencoder (EMA parameters) and
-multiplied by its measured latent scale factor (runs/ae_digits/latent_scale.json). Runtime on 2 CPU
-cores: measured in docs/autoencoders.md.
+multiplied by its measured latent scale factor (runs/ae_digits/latent_scale.json). 703,907 parameters,
+2,000 steps at batch 64: 11 min on 2 CPU cores while the test suite ran beside it (5.3 steps/s once alone,
+about 7 min). Samples: 98.6% of the requested class unguided, 100% at guidance 2 (benchmarks/results/ldm.md).
 """
 from jaxdiff.train_lib.config import default_config
 
