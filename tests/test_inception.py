@@ -11,7 +11,6 @@ PyPI torchvision wheels are linked against CUDA builds of torch and fail to load
 with torchvision's ``Inception3``/``InceptionA..E`` layer definitions (the FID patches, the block
 assembly, the resize and the normalisation still come from pytorch-fid itself).
 """
-import contextlib
 import importlib
 import importlib.util
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.convert.keys import CheckpointMismatchError
+from module_stubs import temporary_modules
 
 ATOL_FEATURES = 1e-4
 ATOL_RESIZE = 1e-5
@@ -135,21 +135,6 @@ def _torchvision_standin(torch):
     return tv
 
 
-@contextlib.contextmanager
-def _modules(entries: dict):
-    """Temporarily set ``sys.modules`` entries (restored afterwards)."""
-    saved = {k: sys.modules.get(k) for k in entries}
-    sys.modules.update(entries)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
 def _import_pytorch_fid_inception(torch):
     if importlib.util.find_spec("pytorch_fid") is None:
         pytest.skip("pytorch-fid not installed (parity extra)")
@@ -162,7 +147,7 @@ def _import_pytorch_fid_inception(torch):
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[k]
     tv = _torchvision_standin(torch)
-    with _modules({"torchvision": tv, "torchvision.models": tv.models,
+    with temporary_modules({"torchvision": tv, "torchvision.models": tv.models,
                    "torchvision.models.inception": tv.models.inception}):
         return importlib.import_module("pytorch_fid.inception")
 

@@ -9,7 +9,6 @@ read back through :func:`jaxdiff.convert.lpips.load_lpips`, so the loader is cov
 not load next to a ``+cpu`` torch) a stand-in module provides ``models.vgg16`` with torchvision's
 ``features`` layout (conv3x3 + ReLU stages of 2, 2, 3, 3, 3 convs, 2x2 max-pools).
 """
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -18,23 +17,10 @@ import types
 
 import numpy as np
 import pytest
+from module_stubs import temporary_modules
 
 PARITY_RTOL = 1e-4
 VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-@contextlib.contextmanager
-def _modules(entries: dict):
-    saved = {k: sys.modules.get(k) for k in entries}
-    sys.modules.update(entries)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
 
 
 def _vgg16_features(torch, seed: int):
@@ -74,7 +60,7 @@ def _lpips_reference(torch, features):
     for k in [k for k in sys.modules if k == "lpips" or k.startswith("lpips.")]:
         del sys.modules[k]
     tv = _torchvision_standin(features)
-    with _modules({"torchvision": tv, "torchvision.models": tv.models}):
+    with temporary_modules({"torchvision": tv, "torchvision.models": tv.models}):
         lp = importlib.import_module("lpips")
         ref = lp.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()
     lin_path = os.path.join(os.path.dirname(lp.__file__), "weights", "v0.1", "vgg.pth")

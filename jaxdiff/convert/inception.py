@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff.convert.keys import CheckpointMismatchError, expected_shape_torch
+from jaxdiff.convert.keys import CheckpointMismatchError, expected_shape_torch, to_jax_layout
 from jaxdiff.nn.inception import InceptionV3FID
 
 WEIGHTS_ENV = "JAXDIFF_INCEPTION_WEIGHTS"
@@ -88,14 +88,6 @@ def inception_variable_table(model: InceptionV3FID) -> dict:
     return table
 
 
-def _to_jax(leaf: str, arr: np.ndarray) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 4:
-        return arr.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and arr.ndim == 2:
-        return arr.T
-    return arr
-
-
 def load_inception_state_dict(model: InceptionV3FID, sd: dict, *, what: str = "Inception checkpoint") -> None:
     """Copy a pytorch-fid Inception state dict (``{key: np.ndarray}``) into ``model`` in place.
 
@@ -118,7 +110,7 @@ def load_inception_state_dict(model: InceptionV3FID, sd: dict, *, what: str = "I
         if tuple(arr.shape) != want:
             bad.append((k, want, tuple(arr.shape)))
             continue
-        staged[k] = _to_jax(leaf, arr)
+        staged[k] = to_jax_layout(leaf, arr, tuple(var.get_value().shape))
     if missing or unexpected or bad:
         raise CheckpointMismatchError(missing, unexpected, bad, what, matched=len(staged))
     for k, (path, var) in table.items():
