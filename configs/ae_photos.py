@@ -3,8 +3,8 @@
     python train.py --config configs/ae_photos.py --workdir runs/ae_photos
 
 configs/ae_digits.py's recipe on 3-channel natural images, with 4 latent channels and random flips: 6,100
-stride-8 training crops, 104 held-out crops (the photos' right 128 columns). Runtime on 2 CPU cores:
-measured in docs/autoencoders.md.
+stride-8 training crops, 104 held-out crops (the photos' right 128 columns). 1,200 steps at 1.46 steps/s
+on 2 CPU cores (about 14 min when measured alone); held-out PSNR 30.2 dB (docs/autoencoders.md).
 """
 import importlib.util
 import os
