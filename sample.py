@@ -26,32 +26,14 @@ import numpy as np
 from jaxdiff import parallel
 from jaxdiff.train_lib import checkpoint as ckpt
 from jaxdiff.train_lib import config as config_lib
-from jaxdiff.train_lib.experiment import build_experiment
+from jaxdiff.train_lib.experiment import restore_run
 from jaxdiff.train_lib.images import save_grid
 from jaxdiff.train_lib.sampling import Sampler
 
 
 def load_checkpoint(workdir: str, step: int | None = None, mesh=None):
-    """``(experiment, state, step)`` from the newest readable (or the given) checkpoint of a training run."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints in {directory}: train first (python train.py --workdir {workdir})")
-    reader = ckpt.Checkpointer(directory, async_save=False)
-    try:
-        steps = reader.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"{directory} holds no committed checkpoint")
-        config_dict = reader.read_config(step if step is not None else steps[-1])
-        config = config_lib.config_from_dict(config_dict)
-        if config.task != "diffusion":
-            raise ValueError(f"{workdir} holds a {config.task!r} run, not a diffusion model; sample.py draws from "
-                             "diffusion models (reconstructions of an autoencoder are in its samples/ folder)")
-        exp = build_experiment(config, mesh if mesh is not None else parallel.make_mesh())
-        found = reader.restore(exp.abstract_sharded_state(), step)
-    finally:
-        reader.close()
-    restored_step, state, _, _ = found
-    return exp, state, restored_step
+    """``(experiment, state, step)`` from the newest readable (or the given) checkpoint of a diffusion run."""
+    return restore_run(workdir, task="diffusion", step=step, mesh=mesh)
 
 
 def load_diffusers_model(folder: str, mesh=None) -> dict:

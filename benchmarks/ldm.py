@@ -29,26 +29,7 @@ sys.path.insert(0, ROOT)
 from jaxdiff.data.pipeline import open_source  # noqa: E402
 from jaxdiff.metrics.image_quality import psnr, ssim  # noqa: E402
 from jaxdiff.parallel import make_mesh  # noqa: E402
-from jaxdiff.train_lib import checkpoint as ckpt  # noqa: E402
-from jaxdiff.train_lib import config as config_lib  # noqa: E402
-from jaxdiff.train_lib.experiment import build_experiment  # noqa: E402
-
-
-def load_autoencoder_run(workdir: str):
-    """``(experiment, state, step)`` of the newest checkpoint of an autoencoder run."""
-    reader = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        steps = reader.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        config = config_lib.config_from_dict(reader.read_config(steps[-1]))
-        if config.task != "autoencoder":
-            raise ValueError(f"{workdir} is a {config.task!r} run, not an autoencoder")
-        exp = build_experiment(config, make_mesh(1, 1, jax.devices()[:1]))
-        step, state, _, _ = reader.restore(exp.abstract_sharded_state())
-    finally:
-        reader.close()
-    return exp, state, step
+from jaxdiff.train_lib.experiment import restore_run  # noqa: E402
 
 
 def held_out_images(config, split: str) -> np.ndarray:
@@ -59,7 +40,7 @@ def held_out_images(config, split: str) -> np.ndarray:
 
 
 def evaluate(name: str, workdir: str, split: str, batch: int = 120) -> dict:
-    exp, state, step = load_autoencoder_run(workdir)
+    exp, state, step = restore_run(workdir, task="autoencoder", mesh=make_mesh(1, 1, jax.devices()[:1]))
     images = held_out_images(exp.config, split)
     recon = jax.jit(lambda p, x: exp.ae_apply(p, x, None)[0])
     t0 = time.perf_counter()

@@ -158,3 +158,29 @@ def build_experiment(config, mesh: Mesh):
                       apply=make_apply(graphdef, rest), optimizer=optimizer, schedule=schedule,
                       init_params=params, abstract_state=abstract, state_shardings=shardings, num_params=n,
                       autoencoder=autoencoder)
+
+
+_TASK_NAMES = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder"}
+
+
+def restore_run(workdir: str, *, task: str, step: int | None = None, mesh: Mesh | None = None):
+    """``(experiment, state, step)`` of a training run's newest readable (or the given) checkpoint, rebuilt
+    from the config stored with it on ``mesh`` (default: all devices). Raises FileNotFoundError when there is no checkpoint, ValueError when the run is not ``task``."""
+    from jaxdiff import parallel
+    from jaxdiff.train_lib import checkpoint as ckpt
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {directory}: train first (python train.py --workdir {workdir})")
+    reader = ckpt.Checkpointer(directory, async_save=False)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no committed checkpoint")
+        config = config_lib.config_from_dict(reader.read_config(step if step is not None else steps[-1]))
+        if config.task != task:
+            raise ValueError(f"{workdir} is a {config.task!r} run, not {_TASK_NAMES[task]}")
+        exp = build_experiment(config, mesh if mesh is not None else parallel.make_mesh())
+        restored_step, state, _, _ = reader.restore(exp.abstract_sharded_state(), step)
+    finally:
+        reader.close()
+    return exp, state, restored_step

@@ -12,8 +12,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.train_lib import checkpoint as ckpt
-from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib.ae_experiment import SCALE_FILE
 
 
@@ -38,31 +36,22 @@ def load_frozen_autoencoder(workdir: str, image_size: int) -> FrozenAutoencoder:
         if os.path.exists(os.path.join(folder, "config.json")):
             return load_diffusers_autoencoder(folder, image_size)
     from jaxdiff.parallel import make_mesh
-    from jaxdiff.train_lib.experiment import build_experiment
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    from jaxdiff.train_lib.experiment import restore_run
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"latent.autoencoder={workdir!r}: no autoencoder checkpoint there (train one with "
                          f"python train.py --config configs/ae_digits.py --workdir {workdir})")
-    reader = ckpt.Checkpointer(directory, async_save=False)
     try:
-        steps = reader.all_steps()
-        if not steps:
-            raise ValueError(f"latent.autoencoder={workdir!r}: {directory} holds no committed checkpoint")
-        ae_config = config_lib.config_from_dict(reader.read_config(steps[-1]))
-        if ae_config.task != "autoencoder":
-            raise ValueError(f"latent.autoencoder={workdir!r} is a {ae_config.task!r} run, not an autoencoder")
-        scale_path = os.path.join(workdir, SCALE_FILE)
-        if not os.path.exists(scale_path):
-            raise ValueError(f"latent.autoencoder={workdir!r} has no {SCALE_FILE}: its training has not finished "
-                             "(the latent scale factor is measured at the end)")
-        with open(scale_path) as f:
-            scale = float(json.load(f)["scale_factor"])
-        exp = build_experiment(ae_config, make_mesh(1, 1, jax.devices()[:1]))
-        step, state, _, _ = reader.restore(exp.abstract_sharded_state())
-    finally:
-        reader.close()
+        exp, state, step = restore_run(workdir, task="autoencoder", mesh=make_mesh(1, 1, jax.devices()[:1]))
+    except FileNotFoundError as e:
+        raise ValueError(f"latent.autoencoder={workdir!r}: {e}") from None
+    scale_path = os.path.join(workdir, SCALE_FILE)
+    if not os.path.exists(scale_path):
+        raise ValueError(f"latent.autoencoder={workdir!r} has no {SCALE_FILE}: its training has not finished "
+                         "(the latent scale factor is measured at the end)")
+    with open(scale_path) as f:
+        scale = float(json.load(f)["scale_factor"])
     params = jax.device_get(state.ema_params)
-    a = ae_config.autoencoder
+    a = exp.config.autoencoder
     f = 2 ** (len(a.block_out_channels) - 1)
     if image_size % f:
         raise ValueError(f"image_size {image_size} is not divisible by the autoencoder's factor {f}")
