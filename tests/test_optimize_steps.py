@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import shutil
 import warnings
 
 import jax
@@ -167,11 +168,9 @@ def test_order_pattern_is_what_jaxdiff_solvers_run():
                 # the default pattern is what the solver runs by default (always lowered at the end) ...
                 assert tuple(solver.orders(steps)) == order_pattern(name, order, steps)
                 assert tuple(solver.orders(steps)) == order_pattern(name, order, steps, lower_order_final=lof)
-    # ... and DPM-Solver++'s threshold is read from the solver, not a second constant
+    # ... and DPM-Solver++'s default threshold is the one constant both read
     dpm = solvers.DPMSolverMultistep()
-    assert dpm.lower_final_below is None
-    obj_mod = importlib.import_module("jaxdiff.timesteps.objective")
-    assert obj_mod._dpm_lower_final_below() == dpm.lower_final_below
+    assert dpm.lower_final_below is None and dpm.lower_final_below == grids.LOWER_FINAL_BELOW
     for lfb in (10, 15, None):
         s = solvers.DPMSolverMultistep(order=3, lower_final_below=lfb)
         for steps in range(3, 20):
@@ -193,9 +192,7 @@ def test_package_exports():
     import jaxdiff.timesteps as ts
     assert ts.optimize is optimize and ts.optimized_grid is optimized_grid
     assert ts.objective is objective and ts.order_pattern is order_pattern
-    # older imports from the optimize module still work
-    from jaxdiff.timesteps.optimize import cache_key as ck, load_cache as lc, optimized_grid as og
-    assert (ck, lc, og) == (cache_key, load_cache, optimized_grid)
+    assert ts.order_schedule is grids.order_schedule
 
 
 def test_explicit_orders_override_and_validation():
@@ -317,16 +314,6 @@ def test_at_least_as_low_as_scipy_all_nfe(solver, variant, p):
         assert info.objective <= ref["objective"] * (1 + 1e-7), (nfe, info.objective, ref["objective"])
 
 
-@pytest.mark.slow
-def test_optax_lbfgs_method_reaches_the_same_optimum():
-    proc = make_process("vp_linear")
-    _, a = optimize(proc, "unipc", 3, 8, p=2.0, return_info=True)
-    _, b = optimize(proc, "unipc", 3, 8, p=2.0, method="optax", return_info=True)
-    np.testing.assert_allclose(b.objective, a.objective, rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown method"):
-        optimize(proc, "unipc", 3, 8, method="bfgs")
-
-
 # ------------------------------------------------------------------------------------------------
 # bad input, non-convergence
 # ------------------------------------------------------------------------------------------------
@@ -425,15 +412,16 @@ def test_cache_miss_optimizes_writes_and_hits(tmp_path, monkeypatch):
     data = json.load(open(path))
     key = cache_key(proc, "unipc", 2, 6, p=2.0)
     assert key in data["entries"] and data["entries"][key]["grid"] == list(g1)
-    m._LOADED.clear()                                 # a fresh process reading the file
+    copy = str(tmp_path / "copy.json")                # a path not read yet: loaded from the file
+    shutil.copy(path, copy)
 
     def boom(*a, **k):
         raise AssertionError("re-optimized on a cache hit")
     monkeypatch.setattr(m, "optimize", boom)
-    g2 = optimized_grid(proc, "unipc", 2, 6, p=2.0, cache_path=path)
+    g2 = optimized_grid(proc, "unipc", 2, 6, p=2.0, cache_path=copy)
     np.testing.assert_array_equal(g1, g2)
     with pytest.raises(KeyError):
-        optimized_grid(proc, "unipc", 2, 6, p=1.0, cache_path=path, optimize_on_miss=False)
+        optimized_grid(proc, "unipc", 2, 6, p=1.0, cache_path=copy, optimize_on_miss=False)
     # keys separate everything that changes the grid
     keys = {cache_key(proc, "unipc", 2, 6, p=2.0), cache_key(proc, "unipc", 2, 6, p=1.0),
             cache_key(proc, "dpm_solver++", 2, 6, p=2.0), cache_key(proc, "unipc", 3, 6, p=2.0),
@@ -468,3 +456,15 @@ def test_shipped_cache_covers_common_cases(name):
     e = objective(proc, g, solver="unipc", order=3, p=1.0)
     for init in grids.GRIDS:
         assert e <= objective(proc, grids.make_grid(init, proc, 8), solver="unipc", order=3, p=1.0)
+
+
+@pytest.mark.parametrize("name", ["vp_linear", "vp_continuous_linear", "edm"])
+@pytest.mark.parametrize("solver,order,p", [("unipc", 3, 1.0), ("dpm_solver++", 2, 2.0)])
+def test_shipped_cache_is_reproduced(name, solver, order, p):
+    # the optimizer recomputes the shipped grids (written by benchmarks/optimized_steps.py --write-cache with
+    # x64 enabled, as here: vp_linear built in float32 keys the same but lands ~1e-7 away)
+    proc = make_process(name)
+    entry = load_cache()[cache_key(proc, solver, order, 6, p=p)]
+    g, info = optimize(proc, solver, order, 6, p=p, return_info=True)
+    np.testing.assert_allclose(info.objective, entry["objective"], rtol=1e-12)
+    np.testing.assert_allclose(g, entry["grid"], rtol=1e-11)

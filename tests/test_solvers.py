@@ -10,8 +10,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdiff import make_grid, make_process, sample
 from jaxdiff.analytic import GaussianMixture
 from jaxdiff.solvers import (DDIM, DDPM, IPNDM, DPMSolverMultistep, DPMSolverSinglestep, Euler, Heun, Threshold,
-                             UniPC, make_solver, order_schedule)
+                             UniPC, make_solver)
 from jaxdiff.solvers import sampling as sampling_module
+from jaxdiff.timesteps.grids import order_schedule
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,5 @@
 """Solvers: pure step functions run by one `lax.scan` driver (`sample`)."""
-from jaxdiff.solvers.base import Threshold, order_schedule
+from jaxdiff.solvers.base import Threshold
 from jaxdiff.solvers.ddim import DDIM, DDPM
 from jaxdiff.solvers.dpm_solver import (DPMSolverMultistep, DPMSolverSinglestep, diffusers_singlestep_plan,
                                         dpm_solver_fast_plan)
@@ -9,4 +9,4 @@ from jaxdiff.solvers.unipc import UniPC
 
 __all__ = ["DDIM", "DDPM", "DPMSolverMultistep", "DPMSolverSinglestep", "Euler", "Heun", "IPNDM", "SOLVERS",
            "Threshold", "UniPC", "diffusers_singlestep_plan", "dpm_solver_fast_plan", "make_solver",
-           "order_schedule", "sample"]
+           "sample"]

@@ -94,21 +94,6 @@ class Model:
         return self.at(x, self.sched.t[i])
 
 
-def order_schedule(steps: int, order: int, *, lower_order_final: bool = True,
-                   lower_final_below: int | None = None) -> tuple[int, ...]:
-    """Per-step orders of a multistep solver: warm-up 1, 2, .., order; with `lower_order_final`, step k
-    (1-based) of the last ones uses min(order, steps + 1 - k), applied only when steps < lower_final_below
-    (DPM-Solver's official code: 10; diffusers' DPM: 15; UniPC: always, None)."""
-    orders = []
-    lower = lower_order_final and (lower_final_below is None or steps < lower_final_below)
-    for k in range(1, steps + 1):
-        o = min(order, k)
-        if lower:
-            o = min(o, steps + 1 - k)
-        orders.append(o)
-    return tuple(orders)
-
-
 def final_to_zero(sched: Sched, x: Array, x0: Array) -> Array:
     """If the grid ends at sigma = 0, the last step returns alpha_N x0 exactly (the limit of every
     solver's update); otherwise x unchanged. Avoids 0*inf at lambda = +inf."""

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, SolverBase, Sched, final_to_zero, lam_at, order_schedule
+from jaxdiff.solvers.base import Model, SolverBase, Sched, final_to_zero, lam_at
+from jaxdiff.timesteps.grids import LOWER_FINAL_BELOW, order_schedule
 
 SOLVER_TYPES = ("midpoint", "taylor")
 
@@ -80,7 +81,7 @@ class DPMSolverMultistep(SolverBase):
     prediction: str = "data"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
-    lower_final_below: int | None = None
+    lower_final_below: int | None = LOWER_FINAL_BELOW
     sde: bool = False
     legacy_3m: bool = False
 

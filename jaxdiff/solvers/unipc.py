@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, SolverBase, Sched, lam_at, order_schedule
+from jaxdiff.solvers.base import Model, SolverBase, Sched, lam_at
+from jaxdiff.timesteps.grids import order_schedule
 
 VARIANTS = ("bh1", "bh2")
 

@@ -7,7 +7,6 @@ The objective is `jaxdiff.timesteps.objective`'s own (jitted, float64); the grad
 """
 from __future__ import annotations
 
-import importlib
 import time
 
 import jax
@@ -15,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import LinearConstraint, minimize
 
-# the modules (the package re-exports functions of the same names)
-_obj = importlib.import_module("jaxdiff.timesteps.objective")
-_opt = importlib.import_module("jaxdiff.timesteps.optimize")
+from jaxdiff.timesteps.objective import lambda_range, objective_pair, problem, process_kind
+from jaxdiff.timesteps.optimize import init_grids
 
 __all__ = ["trust_constr"]
 
@@ -31,22 +29,19 @@ def trust_constr(process, solver: str = "unipc", order: int = 3, nfe: int = 10, 
     Returns a dict: grid (nfe+1,) decreasing times, lambdas (nfe+1,), objective (exact, float), init_objective,
     seconds (wall time of `minimize`), nit, nfev, message.
     """
-    pattern = _obj._resolve_pattern(solver, order, nfe, orders, lower_order_final)
-    p = _obj._check_p(p)
-    trunc = _obj._check_variant(variant, trunc)
-    t_start, t_end = _obj._endpoints(process, t_start, t_end)
-    lam0, lam1 = _obj._lambda_range(process, t_start, t_end)
-    _, inits = _opt._init_grids(process, int(nfe), init, t_start, t_end)
-    kind = _obj._kind(process)
-    modes = _obj._modes(pattern, variant, trunc)
+    prob = problem(process, solver, order, nfe, p=p, variant=variant, trunc=trunc, orders=orders,
+                   lower_order_final=lower_order_final, t_start=t_start, t_end=t_end)
+    t_start, t_end = prob.t_start, prob.t_end
+    lam0, lam1 = lambda_range(process, t_start, t_end)
+    _, inits = init_grids(process, int(nfe), init, t_start, t_end)
+    kind = process_kind(process)
     with jax.enable_x64(True):
-        o = jnp.asarray(pattern, jnp.int32)
-        m = jnp.asarray(modes, jnp.int32)
+        o = jnp.asarray(prob.orders, jnp.int32)
+        m = jnp.asarray(prob.modes, jnp.int32)
 
         def full(x):
             lam = jnp.concatenate([jnp.asarray([lam0]), x, jnp.asarray([lam1])])
-            la, ls = _obj._log_alpha_sigma(kind, process, lam)
-            return _obj._objective_lam(lam, p * ls - la, o, m, 0.0)
+            return objective_pair(lam, prob.p, o, m, 0.0, kind=kind, process=process)[1]
 
         f = jax.jit(full)
         g = jax.jit(jax.grad(full))

@@ -1,4 +1,5 @@
-"""Hand-made time grids for any noise process.
+"""Hand-made time grids for any noise process, and the rules solvers and the grid optimizer share about a
+grid: `check_grid` (a valid grid) and `order_schedule` (the order of each step of a multistep solver).
 
 A grid is a strictly decreasing float array of times `t_0 = t_start > t_1 > ... > t_N`, one more point
 than solver steps. Two ways to end it (`final`):
@@ -20,7 +21,7 @@ import numpy as np
 from jaxdiff.noise import NoiseProcess, VPDiscrete
 
 __all__ = ["GRIDS", "FINALS", "make_grid", "uniform_t", "uniform_logsnr", "time_quadratic", "karras",
-           "check_grid", "diffusers_indices", "grid_from_indices"]
+           "check_grid", "order_schedule", "LOWER_FINAL_BELOW", "diffusers_indices", "grid_from_indices"]
 
 FINALS = ("t_min", "zero")
 
@@ -123,6 +124,26 @@ def check_grid(process: NoiseProcess, grid) -> None:
     if g[0] > process.t_max * (1 + 1e-12) or g[-1] < process.t_zero:
         raise ValueError(f"time grid [{g[0]}, {g[-1]}] leaves the range [{process.t_zero}, {process.t_max}] "
                          f"of {type(process).__name__}")
+
+
+# The default `lower_final_below` of jaxdiff's multistep solvers (DPMSolverMultistep): None, the last orders
+# are always lowered, as UniPC does (the official DPM-Solver code uses 10, diffusers 15).
+LOWER_FINAL_BELOW: int | None = None
+
+
+def order_schedule(steps: int, order: int, *, lower_order_final: bool = True,
+                   lower_final_below: int | None = LOWER_FINAL_BELOW) -> tuple[int, ...]:
+    """Per-step orders of a multistep solver: warm-up 1, 2, .., order; with `lower_order_final`, step k
+    (1-based) of the last ones uses min(order, steps + 1 - k), applied only when steps < lower_final_below
+    (DPM-Solver's official code: 10; diffusers' DPM: 15; UniPC: always, None)."""
+    orders = []
+    lower = lower_order_final and (lower_final_below is None or steps < lower_final_below)
+    for k in range(1, steps + 1):
+        o = min(order, k)
+        if lower:
+            o = min(o, steps + 1 - k)
+        orders.append(o)
+    return tuple(orders)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,13 +23,16 @@ accumulating them per node.
 
 Here the objective is written in JAX (float64, autodiff gradients; the |.| terms optionally smoothed to
 sqrt(u^2 + mu^2) for the optimizer's continuation). The step orders are those the jaxdiff solvers run:
-`order_pattern` derives DPM-Solver++'s lower-order-final threshold from `jaxdiff.solvers.DPMSolverMultistep`.
-This module also holds the argument checks shared by `optimize` and the cache (end points, logSNR range).
+`order_pattern` computes them with `grids.order_schedule`, the rule the multistep solvers themselves run.
 
-Public API: `order_pattern`, `objective`. The optimizer is in `optimize.py`, the cache in `cache.py`.
+Public API: `order_pattern`, `objective`; and, shared with the optimizer (`optimize.py`), the cache
+(`cache.py`) and the scipy reference: `problem` (the validated arguments of one optimization: step orders,
+objective modes, p, end points), `lambda_range`, `process_kind`, `process_call`, `process_args` and
+`objective_pair` (the jittable objective of a half-logSNR grid, smoothed and exact).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Sequence
@@ -39,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.noise import EDM, VE, Flow, NoiseProcess, VPCosine, VPDiscrete, VPLinear
+from jaxdiff.timesteps.grids import LOWER_FINAL_BELOW, order_schedule
 
-__all__ = ["SOLVERS", "VARIANTS", "order_pattern", "objective"]
+__all__ = ["SOLVERS", "VARIANTS", "Problem", "problem", "order_pattern", "objective", "lambda_range",
+           "process_kind", "process_call", "process_args", "StaticProcess", "objective_pair"]
 
 SOLVERS = ("dpm_solver++", "unipc")
 VARIANTS = ("paper", "official")
@@ -62,8 +67,8 @@ def order_pattern(solver: str, order: int, steps: int, *,
     before at most second order). `jaxdiff.solvers.DPMSolverMultistep` applies that only when
     steps < its `lower_final_below` (default None: always, like UniPC; diffusers uses 15 and the official code 10; the
     official code's own test is steps < 10: pass `lower_order_final=10` for it); UniPC always. The default,
-    `lower_order_final=True`, follows the jaxdiff solvers' defaults: the threshold is read from
-    `DPMSolverMultistep()` and the pattern computed by `jaxdiff.solvers.base.order_schedule`.
+    `lower_order_final=True`, follows the jaxdiff solvers' defaults: the threshold is `grids.LOWER_FINAL_BELOW`
+    (DPMSolverMultistep's default) and the pattern is computed by `grids.order_schedule`, as the solvers do.
 
     Args:
       solver: "dpm_solver++" or "unipc".
@@ -79,7 +84,7 @@ def order_pattern(solver: str, order: int, steps: int, *,
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(lower_order_final, bool):
-        lower, below = lower_order_final, (_dpm_lower_final_below() if solver == "dpm_solver++" else None)
+        lower, below = lower_order_final, (LOWER_FINAL_BELOW if solver == "dpm_solver++" else None)
     elif isinstance(lower_order_final, str) and lower_order_final == "always":
         lower, below = True, None
     elif isinstance(lower_order_final, (int, np.integer)) and lower_order_final >= 1:
@@ -87,22 +92,7 @@ def order_pattern(solver: str, order: int, steps: int, *,
     else:
         raise ValueError(f"lower_order_final must be True, False, 'always' or a positive integer, "
                          f"got {lower_order_final!r}")
-    return tuple(int(k) for k in _order_schedule()(int(steps), int(order), lower_order_final=lower,
-                                                   lower_final_below=below))
-
-
-# jaxdiff.solvers imports jaxdiff.timesteps.grids, so these are imported on first use, not at import time
-@functools.cache
-def _order_schedule():
-    from jaxdiff.solvers.base import order_schedule
-    return order_schedule
-
-
-@functools.cache
-def _dpm_lower_final_below() -> int | None:
-    """`DPMSolverMultistep()`'s default lower-order-final threshold (15; None: always lower)."""
-    from jaxdiff.solvers.dpm_solver import DPMSolverMultistep
-    return DPMSolverMultistep().lower_final_below
+    return order_schedule(int(steps), int(order), lower_order_final=lower, lower_final_below=below)
 
 
 def _check_solver_order(solver, order):
@@ -134,7 +124,8 @@ def _modes(orders, variant, trunc):
 # process -> log alpha, log sigma as functions of lambda
 # ----------------------------------------------------------------------------------------------------
 
-def _kind(process):
+def process_kind(process) -> str:
+    """"vp", "unit_alpha" or "flow" (families whose alpha, sigma are closed forms of lambda), else "generic"."""
     if isinstance(process, (VPDiscrete, VPLinear, VPCosine)):
         return "vp"
     if isinstance(process, (EDM, VE)):
@@ -161,13 +152,43 @@ def _is_pytree(process) -> bool:
     return not (len(leaves) == 1 and leaves[0] is process)
 
 
+class StaticProcess:
+    """A plain (non-pytree) process as a static `jit` argument: hashed and compared by identity."""
+    __slots__ = ("process",)
+
+    def __init__(self, process):
+        self.process = process
+
+    def __hash__(self):
+        return id(self.process)
+
+    def __eq__(self, other):
+        return isinstance(other, StaticProcess) and other.process is self.process
+
+
+def process_args(process, kind: str):
+    """How `process` enters a compiled function: `(traced, static)`, at most one not None.
+
+    Closed-form kinds need no process (so every VP process shares one compiled program); a "generic" process
+    that is a registered pytree is traced (float leaves in float64: a new instance of the same structure does
+    not recompile); any other object is a `StaticProcess` (a static argument, compared by identity) whose
+    `.process` the compiled function uses.
+    """
+    if kind != "generic":
+        return None, None
+    if _is_pytree(process):
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64)
+                                      if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, process), None
+    return None, StaticProcess(process)
+
+
 @functools.partial(jax.jit, static_argnames="name")
 def _pcall_jit(process, x, name):
     return getattr(process, name)(x)
 
 
-def _pcall(process, name, x):
-    """process.<name>(x) as float64 numpy, compiled once per process structure (eager for plain classes)."""
+def process_call(process, name: str, x) -> np.ndarray:
+    """`process.<name>(x)` as float64 numpy, compiled once per process structure (eager for plain classes)."""
     with jax.enable_x64(True):
         x = jnp.asarray(x, jnp.float64)
         out = _pcall_jit(process, x, name) if _is_pytree(process) else getattr(process, name)(x)
@@ -218,8 +239,8 @@ def _step_terms(lam, logd, orders):
     return jnp.where(valid, jnp.exp(jnp.where(valid, logscale, 0.0)) * w, 0.0).astype(dt)
 
 
-def _objective_pair(lam, logd, orders, modes, mu):
-    """(objective smoothed by mu, exact objective) of an increasing lambda grid (N+1,); mu = 0: both exact."""
+def _pair_from_log_eps(lam, logd, orders, modes, mu):
+    """(objective smoothed by mu, exact objective) of an increasing lambda grid (N+1,) with log eps~ logd."""
     u = _step_terms(lam, logd, orders)
     n = u.shape[0]
     acc = jnp.where((modes == _ACCUMULATE)[:, None], u, 0.0)
@@ -238,9 +259,14 @@ def _objective_pair(lam, logd, orders, modes, mu):
     return total(mu), total(jnp.zeros_like(mu))
 
 
-def _objective_lam(lam, logd, orders, modes, mu):
-    """Objective (smoothed by mu; exact for mu = 0) of an increasing lambda grid (N+1,). Scalar."""
-    return _objective_pair(lam, logd, orders, modes, jnp.asarray(mu, lam.dtype))[0]
+def objective_pair(lam, p, orders, modes, mu, *, kind: str, process=None):
+    """(objective smoothed by mu, exact objective) of an increasing half-logSNR grid `lam` (N+1,); jittable.
+
+    p: the error exponent; orders, modes: `Problem.orders` / `Problem.modes` as int arrays; mu: the smoothing
+    (0: both values exact); kind: `process_kind(process)`; process: needed only for kind "generic".
+    """
+    la, ls = _log_alpha_sigma(kind, process, lam)
+    return _pair_from_log_eps(lam, p * ls - la, orders, modes, jnp.asarray(mu, lam.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,11 +289,11 @@ def _endpoints(process, t_start, t_end):
     return t_start, t_end
 
 
-def _lambda_range(process, t_start, t_end, n_check=4097):
+def lambda_range(process, t_start, t_end, n_check=4097):
     """Half-logSNR at both ends after checking logSNR is finite and strictly decreasing on a fine grid."""
     with jax.enable_x64(True):
         t = np.linspace(t_start, t_end, n_check)
-        ls = _pcall(process, "logsnr", t)
+        ls = process_call(process, "logsnr", t)
     if not np.all(np.isfinite(ls)):
         bad = t[~np.isfinite(ls)][0]
         raise ValueError(f"logSNR of {type(process).__name__} is not finite at t={bad} in [{t_end}, {t_start}]")
@@ -314,6 +340,39 @@ def _check_variant(variant, trunc):
     return int(trunc)
 
 
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The validated arguments of one optimized-grid problem (see `problem`).
+
+    orders: the order of every step (N,); modes: how each step enters the objective (N,); p: the error
+    exponent; variant, trunc: the objective variant; t_start > t_end: the fixed end points.
+    """
+    orders: tuple
+    modes: tuple
+    p: float
+    variant: str
+    trunc: int
+    t_start: float
+    t_end: float
+
+
+def problem(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: int = 10, *, p: float = 1.0,
+            variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
+            lower_order_final: bool | str | int = True, t_start: float | None = None,
+            t_end: float | None = None) -> Problem:
+    """Check the arguments of `optimize` (same names and meaning) and resolve them into a `Problem`.
+
+    Raises ValueError for a bad solver/order/nfe/orders/p/variant/trunc or end points outside
+    [t_min, t_max]; cheap (does not evaluate the process; `lambda_range` checks its logSNR).
+    """
+    pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
+    p = _check_p(p)
+    trunc = _check_variant(variant, trunc)
+    t_start, t_end = _endpoints(process, t_start, t_end)
+    return Problem(orders=pattern, modes=_modes(pattern, variant, trunc), p=p, variant=variant, trunc=trunc,
+                   t_start=t_start, t_end=t_end)
+
+
 # ----------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------
@@ -342,21 +401,16 @@ def objective(process: NoiseProcess, grid, *, solver: str = "unipc", order: int 
     trunc = _check_variant(variant, trunc)
     pattern = _check_orders(orders, n) if orders is not None else order_pattern(
         solver, order, n, lower_order_final=lower_order_final)
-    kind = _kind(process)
+    kind = process_kind(process)
     with jax.enable_x64(True):
-        lam = jnp.asarray(0.5 * _pcall(process, "logsnr", g))
-        args = (lam, jnp.float64(p), jnp.asarray(pattern, jnp.int32),
-                jnp.asarray(_modes(pattern, variant, trunc), jnp.int32))
-        if kind == "generic":
-            val = _objective_eval(*args, kind=kind, process=process)
-        else:
-            val = _objective_eval_jit(*args, kind=kind)
-        return float(val)
+        lam = jnp.asarray(0.5 * process_call(process, "logsnr", g))
+        traced, static = process_args(process, kind)
+        return float(_exact_objective(lam, jnp.float64(p), jnp.asarray(pattern, jnp.int32),
+                                      jnp.asarray(_modes(pattern, variant, trunc), jnp.int32), traced,
+                                      kind=kind, static=static))
 
 
-def _objective_eval(lam, p, orders, modes, kind, process=None):
-    la, ls = _log_alpha_sigma(kind, process, lam)
-    return _objective_lam(lam, p * ls - la, orders, modes, 0.0)
-
-
-_objective_eval_jit = jax.jit(_objective_eval, static_argnames="kind")
+@functools.partial(jax.jit, static_argnames=("kind", "static"))
+def _exact_objective(lam, p, orders, modes, traced, *, kind, static):
+    process = traced if static is None else static.process
+    return objective_pair(lam, p, orders, modes, 0.0, kind=kind, process=process)[1]

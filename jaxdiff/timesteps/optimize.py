@@ -1,41 +1,39 @@
 """The optimizer of optimized time steps (Xue et al., CVPR 2024): the objective of `objective.py` minimized
 inside one compiled call.
 
-L-BFGS (a compact own implementation by default, `optax.lbfgs` with `method="optax"`) runs over
-unconstrained z: lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i), L = lambda_end - lambda_start,
-so the end points are fixed and the grid is strictly monotone by construction. The |.| terms are smoothed
+L-BFGS (a compact implementation: two-loop recursion, Armijo backtracking) runs over unconstrained z:
+lambda increments h_i = L (delta + (1 - N delta) softmax(z)_i), L = lambda_end - lambda_start, so the end
+points are fixed and the grid is strictly monotone by construction. The |.| terms are smoothed
 (sqrt(u^2 + mu^2)) with a decreasing mu (continuation), then polished on the exact objective; the best
 iterate by the *exact* objective is kept. Several initial grids are optimized in parallel (`vmap`) and the
 best is returned; if the optimizer does not converge it warns and returns the best grid found.
 
+The whole minimization is one `jax.jit` function: its shapes (NFE, number of initial grids) and the process
+family (`objective.process_kind`) select the compiled program; the step orders, p, end points, iteration
+limits and a pytree process are traced arguments, so a new grid of the same NFE does not recompile.
+
 The default variant is "official": with exact gradients the paper's per-node objective is minimized by
 degenerate grids whose nodes coalesce (see docs/optimized_steps.md).
 
-Public API: `optimize`, `OptimizeInfo`, `trace_count`, `last_build_times` (and, re-exported from
-`objective.py`, `order_pattern` and `objective`; the cache names `optimized_grid`, `cache_key`,
-`process_key`, `load_cache`, `DEFAULT_CACHE` of `cache.py` stay reachable here for older imports).
+Public API: `optimize`, `OptimizeInfo`, `INITS`, `init_grids`, `trace_count`.
 """
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
+import functools
 import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxdiff.noise import NoiseProcess
-from jaxdiff.timesteps import grids as _grids
-from jaxdiff.timesteps.objective import (SOLVERS, VARIANTS, _check_p, _check_variant, _endpoints,  # noqa: F401
-                                         _is_pytree, _kind, _lambda_range, _log_alpha_sigma, _modes,
-                                         _objective_pair, _pcall, _resolve_pattern, objective, order_pattern)
+from jaxdiff.timesteps import grids
+from jaxdiff.timesteps.objective import (lambda_range, objective, objective_pair, problem, process_args,
+                                         process_call, process_kind)
 
-__all__ = ["SOLVERS", "VARIANTS", "INITS", "OptimizeInfo", "order_pattern", "objective", "optimize",
-           "trace_count", "last_build_times"]
+__all__ = ["INITS", "OptimizeInfo", "init_grids", "optimize", "trace_count"]
 
 INITS = ("uniform_t", "uniform_logsnr", "time_quadratic", "karras")
 
@@ -164,7 +162,7 @@ def _minimize_stage(fun_pair, x0, best_x, best_f, maxiter, gtol, ftol, c1=1e-4, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# the optimizer (one compiled function per (N, number of inits, process kind))
+# the optimizer: one jitted function (compiled per number of inits, N and process kind)
 # ----------------------------------------------------------------------------------------------------
 
 _TRACES = {"count": 0}
@@ -175,56 +173,24 @@ def trace_count() -> int:
     return _TRACES["count"]
 
 
-def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method):
+def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process):
     def pair(z, mu):
-        lam = _lam_from_z(z, lam0, lam1)
-        la, ls = _log_alpha_sigma(kind, process, lam)
-        return _objective_pair(lam, p * ls - la, orders, modes, mu)
+        return objective_pair(_lam_from_z(z, lam0, lam1), p, orders, modes, mu, kind=kind, process=process)
 
     f_init = pair(z0, jnp.zeros((), z0.dtype))[1]
     ok0 = jnp.isfinite(f_init) & (f_init > 0)
     scale = jnp.where(ok0, f_init, 1.0)
-    if method == "optax":
-        opt = optax.lbfgs(memory_size=10, linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=40))
 
     def stage(carry, mu_rel):
         z_start, best_z, best_f, all_conv, n_it = carry
         mu = mu_rel * scale / orders.shape[0]
         # the polish stage (mu = 0) restarts from the best exact iterate
         z = jnp.where(mu_rel > 0, z_start, best_z)
-        if method == "lbfgs":
-            def fun_pair(z):
-                v, e = pair(z, mu)
-                return v / scale, e
-            z, best_z, best_f, it, done = _minimize_stage(fun_pair, z, best_z, best_f, maxiter, gtol, ftol)
-        else:
-            fun = lambda z: pair(z, mu)[0] / scale                # noqa: E731
-            vg = optax.value_and_grad_from_state(fun)
 
-            def cond(c):
-                return (c[2] < maxiter) & ~c[6]
-
-            def body(c):
-                z, st, it, bz, bf, ref, done = c
-                v, g = vg(z, state=st)
-                upd, st2 = opt.update(g, st, z, value=v, grad=g, value_fn=fun)
-                zn = optax.apply_updates(z, upd)
-                vn = optax.tree_utils.tree_get(st2, "value")
-                fe = pair(zn, jnp.zeros_like(mu))[1]
-                finite = jnp.isfinite(fe) & jnp.isfinite(vn) & jnp.all(jnp.isfinite(zn))
-                better = finite & (fe < bf)
-                bz = jnp.where(better, zn, bz)
-                bf = jnp.where(better, fe, bf)
-                gn = jnp.sqrt(jnp.sum(g * g))
-                check = (it + 1) % _WINDOW == 0
-                stalled = check & (ref - vn <= ftol * jnp.abs(vn))
-                ref = jnp.where(check, vn, ref)
-                done = (gn <= gtol) | stalled | ~finite
-                return jnp.where(finite, zn, bz), st2, it + 1, bz, bf, ref, done
-
-            init = (z, opt.init(z), jnp.zeros((), jnp.int32), best_z, best_f, jnp.asarray(jnp.inf, z.dtype),
-                    jnp.zeros((), bool))
-            z, _, it, best_z, best_f, _, done = jax.lax.while_loop(cond, body, init)
+        def fun_pair(z):
+            v, e = pair(z, mu)
+            return v / scale, e
+        z, best_z, best_f, it, done = _minimize_stage(fun_pair, z, best_z, best_f, maxiter, gtol, ftol)
         # intermediate smoothing stages may stop at maxiter (they only warm-start the next one);
         # convergence is judged on the last smoothed stage and the exact polish
         all_conv = all_conv & (done | (mu_rel > _MU_STAGES[-2] * 1.5))
@@ -238,62 +204,16 @@ def _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, proc
     return lam, best_f, f_init, conv, n_it, per_stage
 
 
-def _solve_impl(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method):
-    _TRACES["count"] += 1
-
-    def one(z0):
-        return _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method)
-    return jax.vmap(one)(z0s)
-
-
 # XLA's backend optimization level 0 halves the compile time (about 3 s instead of 6 s on 2 CPU cores) and
 # costs little run time: the compiled loop is dominated by tiny kernels and control flow.
-_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-_EXECUTABLES: dict = {}
-_EXEC_LOCK = threading.Lock()
-_LAST_BUILD = {"trace_lower_s": None, "compile_s": None}
-
-
-def last_build_times() -> dict:
-    """Seconds spent tracing+lowering and XLA-compiling the most recently built optimizer executable."""
-    return dict(_LAST_BUILD)
-
-
-def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind, process, method="lbfgs"):
-    args = (jnp.asarray(z0s, jnp.float64), jnp.asarray(lam0, jnp.float64), jnp.asarray(lam1, jnp.float64),
-            jnp.asarray(p, jnp.float64), jnp.asarray(orders, jnp.int32), jnp.asarray(modes, jnp.int32),
-            jnp.asarray(maxiter, jnp.int32), jnp.asarray(gtol, jnp.float64), jnp.asarray(ftol, jnp.float64))
-    # one executable per (number of inits, N, process kind, method). Any other process enters through its
-    # methods: a registered pytree as a traced argument (keyed by its structure and leaf shapes), a plain
-    # object as a compile-time constant (keyed by identity; the cache keeps it alive).
-    proc_arg = None
-    if kind != "generic":
-        pkey = None
-    elif _is_pytree(process):
-        leaves, treedef = jax.tree_util.tree_flatten(process)
-        pkey = ("pytree", treedef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-        proc_arg = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64)
-                                          if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, process)
-    else:
-        pkey = ("object", id(process))
-    key = (args[0].shape, kind, method, pkey)
-    with _EXEC_LOCK:
-        entry = _EXECUTABLES.get(key)
-        if entry is None:
-            if proc_arg is not None:
-                def fn_(*a):
-                    return _solve_impl(*a[:-1], kind=kind, process=a[-1], method=method)
-            else:
-                def fn_(*a):
-                    return _solve_impl(*a, kind=kind, process=process, method=method)
-            t0 = time.perf_counter()
-            lowered = jax.jit(fn_).lower(*args, *(() if proc_arg is None else (proc_arg,)))
-            t1 = time.perf_counter()
-            exe = lowered.compile(compiler_options=_COMPILER_OPTIONS)
-            _LAST_BUILD.update(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
-            entry = (exe, process if pkey and pkey[0] == "object" else None)
-            _EXECUTABLES[key] = entry
-    return entry[0](*args, *(() if proc_arg is None else (proc_arg,)))
+@functools.partial(jax.jit, static_argnames=("kind", "static_process"),
+                   compiler_options={"xla_backend_optimization_level": 0})
+def _solve(z0s, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, process, *, kind, static_process):
+    """Minimize from every initial z0 (k, N) at once; process: traced pytree or None (see `process_args`)."""
+    _TRACES["count"] += 1
+    process = process if static_process is None else static_process.process
+    return jax.vmap(lambda z0: _solve_one(z0, lam0, lam1, p, orders, modes, maxiter, gtol, ftol, kind,
+                                          process))(z0s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,8 +243,8 @@ class OptimizeInfo:
     stages: Any = None
 
 
-def _init_grids(process, nfe, init, t_start, t_end):
-    """Initial grids as (names, (k, nfe+1) array)."""
+def init_grids(process, nfe: int, init, t_start: float, t_end: float):
+    """The initial grids of `optimize(init=...)` as (names, (k, nfe+1) float64 array)."""
     if isinstance(init, str):
         names = INITS if init == "all" else (init,)
     elif isinstance(init, (tuple, list)) and all(isinstance(i, str) for i in init):
@@ -344,7 +264,7 @@ def _init_grids(process, nfe, init, t_start, t_end):
         if nm not in INITS:
             raise ValueError(f"unknown init {nm!r}; choose from {list(INITS)}, 'all', or pass grids")
     with jax.enable_x64(True):
-        arr = np.stack([np.asarray(_grids.make_grid(nm, process, int(nfe), t_start=t_start, t_end=t_end),
+        arr = np.stack([np.asarray(grids.make_grid(nm, process, int(nfe), t_start=t_start, t_end=t_end),
                                    np.float64) for nm in names])
     return names, arr
 
@@ -353,7 +273,7 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
              p: float = 1.0, t_start: float | None = None, t_end: float | None = None, init="all",
              variant: str = "official", trunc: int = 3, orders: Sequence[int] | None = None,
              lower_order_final: bool | str | int = True, maxiter: int = 1000, gtol: float = 1e-10,
-             ftol: float = 1e-9, method: str = "lbfgs", return_info: bool = False):
+             ftol: float = 1e-9, return_info: bool = False):
     """Optimized time grid for a multistep solver (Xue et al. 2024), computed in float64 under `jax.jit`.
 
     Args:
@@ -369,8 +289,6 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
       variant: "paper" or "official" (see `objective`); trunc: the official variant's truncNum.
       maxiter: L-BFGS iterations per continuation stage; gtol: gradient tolerance (objective scaled to 1);
         ftol: a stage stops when its value fell by less than ftol (relative) over 20 iterations.
-      method: "lbfgs" (a compact L-BFGS with Armijo backtracking, fast to compile) or "optax"
-        (`optax.lbfgs` with its zoom line search and `optax.value_and_grad_from_state`).
       return_info: also return an `OptimizeInfo`.
     Returns:
       grid: numpy float64 (nfe+1,), strictly decreasing, grid[0] == t_start and grid[-1] == t_end exactly;
@@ -380,27 +298,26 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
       ValueError, before any compilation, for a bad solver/order/nfe/p/variant/init, end points outside
       [t_min, t_max], or a logSNR that is not finite and strictly decreasing on the range.
     """
-    pattern = _resolve_pattern(solver, order, nfe, orders, lower_order_final)
-    p = _check_p(p)
-    trunc = _check_variant(variant, trunc)
-    if method not in ("lbfgs", "optax"):
-        raise ValueError(f"unknown method {method!r}; choose 'lbfgs' or 'optax'")
+    prob = problem(process, solver, order, nfe, p=p, variant=variant, trunc=trunc, orders=orders,
+                   lower_order_final=lower_order_final, t_start=t_start, t_end=t_end)
     if not isinstance(maxiter, (int, np.integer)) or maxiter < 1:
         raise ValueError(f"maxiter must be a positive integer, got {maxiter!r}")
-    t_start, t_end = _endpoints(process, t_start, t_end)
-    lam0, lam1 = _lambda_range(process, t_start, t_end)
-    names, inits = _init_grids(process, int(nfe), init, t_start, t_end)
+    t_start, t_end = prob.t_start, prob.t_end
+    lam0, lam1 = lambda_range(process, t_start, t_end)
+    names, inits = init_grids(process, int(nfe), init, t_start, t_end)
     with jax.enable_x64(True):
-        lam_inits = 0.5 * _pcall(process, "logsnr", inits)
+        lam_inits = 0.5 * process_call(process, "logsnr", inits)
         lam_inits[:, 0], lam_inits[:, -1] = lam0, lam1
         if not (np.all(np.isfinite(lam_inits)) and np.all(np.diff(lam_inits, axis=1) > 0)):
             raise ValueError("an initial grid has non-finite or non-increasing logSNR")
         z0 = np.stack([_z_from_lam(li) for li in lam_inits])
-        kind = _kind(process)
-        modes = _modes(pattern, variant, trunc)
-        lam, best_f, f_init, conv, n_it, per_stage = jax.device_get(
-            _solve(z0, lam0, lam1, p, pattern, modes, int(maxiter), float(gtol), float(ftol), kind, process,
-                   method))
+        kind = process_kind(process)
+        traced, static = process_args(process, kind)
+        f64 = functools.partial(jnp.asarray, dtype=jnp.float64)
+        lam, best_f, f_init, conv, n_it, per_stage = jax.device_get(_solve(
+            f64(z0), f64(lam0), f64(lam1), f64(prob.p), jnp.asarray(prob.orders, jnp.int32),
+            jnp.asarray(prob.modes, jnp.int32), jnp.asarray(maxiter, jnp.int32), f64(gtol), f64(ftol), traced,
+            kind=kind, static_process=static))
         best_f = np.asarray(best_f, np.float64)
         f_init = np.asarray(f_init, np.float64)
         finite = np.isfinite(best_f)
@@ -414,7 +331,7 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
             converged = False
         if not np.all(np.isfinite(lam_best)) or not np.all(np.diff(lam_best) > 0):
             lam_best, converged = lam_inits[i], False
-        t = _pcall(process, "t_from_logsnr", 2 * lam_best)
+        t = process_call(process, "t_from_logsnr", 2 * lam_best)
     t[0], t[-1] = t_start, t_end
     if not (np.all(np.isfinite(t)) and np.all(np.diff(t) < 0)):
         # the lambda -> t map lost strictness (too close nodes); fall back to the best initial grid
@@ -427,20 +344,8 @@ def optimize(process: NoiseProcess, solver: str = "unipc", order: int = 3, nfe: 
                       f"(objective {best_f[i]:.6g}, initial {f_init[i]:.6g})", RuntimeWarning, stacklevel=2)
     if not return_info:
         return t
-    obj = objective(process, t, orders=pattern, p=p, variant=variant, trunc=trunc)
+    obj = objective(process, t, orders=prob.orders, p=prob.p, variant=variant, trunc=prob.trunc)
     info = OptimizeInfo(objective=obj, init_objectives=f_init, final_objectives=best_f, stages=per_stage,
                         best_init=names[i], inits=tuple(names), converged=converged,
-                        iterations=int(n_it[i]), lambdas=np.asarray(lam_best), orders=pattern)
+                        iterations=int(n_it[i]), lambdas=np.asarray(lam_best), orders=prob.orders)
     return t, info
-
-
-# older imports (`from jaxdiff.timesteps.optimize import cache_key, ...`): the cache lives in cache.py, which
-# imports this module, so its names are forwarded lazily
-_CACHE_NAMES = ("DEFAULT_CACHE", "optimized_grid", "cache_key", "process_key", "load_cache")
-
-
-def __getattr__(name):
-    if name in _CACHE_NAMES:
-        from jaxdiff.timesteps import cache
-        return getattr(cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
