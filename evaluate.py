@@ -54,14 +54,14 @@ class EvalError(ValueError):
 def build_extractor(kind: str, *, image_size: int, channels: int, inception_weights=None) -> FeatureExtractor:
     """The feature extractor ``kind`` ("inception" | "digits") for images ``(B, image_size, image_size, channels)``."""
     if kind == "digits":
-        from jaxdiff.metrics.digits import RESOLUTIONS, digits_classifier
+        from jaxdiff.extractors import DIGITS_RESOLUTIONS as RESOLUTIONS, digits_classifier
         if image_size not in RESOLUTIONS or channels != 1:
             sizes = " or ".join(map(str, RESOLUTIONS))
             raise EvalError(f"--features digits needs grey (1-channel) images of size {sizes}, "
                             f"got {image_size}x{image_size}x{channels}; use --features inception")
         return digits_classifier(image_size)
     if kind == "inception":
-        from jaxdiff.metrics.inception import inception_extractor
+        from jaxdiff.extractors import inception_extractor
         if channels not in (1, 3):
             raise EvalError(f"--features inception needs 1-channel (grey, repeated to RGB) or 3-channel images, "
                             f"got {channels} channels")

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if labels is None or size not in (16, 32) or ch != 1:
             print("error: --eval digits needs a class-conditional 16x16 or 32x32 grey model", file=sys.stderr)
             return 2
-        from jaxdiff.metrics.digits import digits_quality
+        from jaxdiff.extractors import digits_quality
         quality = digits_quality(images, labels)
         result.update({k: v for k, v in quality.items() if isinstance(v, (int, float, str))})
     if jax.process_index() == 0:

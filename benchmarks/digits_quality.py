@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import sample as sample_script  # noqa: E402
-from jaxdiff.metrics.digits import digits_quality  # noqa: E402
+from jaxdiff.extractors import digits_quality  # noqa: E402
 
 SOLVERS = {                       # name -> (solver, solver_kwargs)
     "DDIM": ("ddim", {}),

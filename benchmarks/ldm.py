@@ -61,7 +61,7 @@ def evaluate(name: str, workdir: str, split: str, batch: int = 120) -> dict:
 def evaluate_ldm(name: str, workdir: str, num: int = 500, seed: int = 0) -> list[dict]:
     """Class agreement / Frechet distance of a latent digits model per guidance scale and NFE."""
     import sample as sample_script
-    from jaxdiff.metrics.digits import digits_quality
+    from jaxdiff.extractors import digits_quality
     exp, state, step = sample_script.load_checkpoint(workdir, mesh=make_mesh(1, 1, jax.devices()[:1]))
     labels = np.arange(num) % exp.config.model.num_classes
     rows = []

@@ -1,4 +1,4 @@
-"""Train the digits classifier used by :mod:`jaxdiff.metrics.digits` and ship its weights.
+"""Train the digits classifier used by :mod:`jaxdiff.extractors` and ship its weights.
 
     .venv/bin/python benchmarks/train_digits_classifier.py            # 16 and 32
     .venv/bin/python benchmarks/train_digits_classifier.py --resolution 16 --steps 3000
@@ -111,7 +111,7 @@ def main():
             print(f"WARNING: r={r} held-out accuracy {info['test_accuracy']:.4f} < 0.97")
         rows.append((r, info))
     lines = [
-        "# Digits classifier (feature extractor of `jaxdiff.metrics.digits`)", "",
+        "# Digits classifier (feature extractor of `jaxdiff.extractors`)", "",
         "Written by `benchmarks/train_digits_classifier.py`. Trained on the 1,437-image train split of the",
         "embedded sklearn digits; accuracy measured on the held-out 360-image test split (never used for",
         "training or selection). Model: `jaxdiff.nn.classifier.DigitsClassifier` (conv-GroupNorm-ReLU-avgpool",

@@ -121,7 +121,8 @@ def inception():
 
 def test_inception_extractor_equals_module_padded_and_sharded(inception):
     from jax.sharding import NamedSharding
-    from jaxdiff.metrics.inception import inception_extractor, inception_sharding
+    from jaxdiff.extractors import inception_extractor
+    from jaxdiff.metrics.inception import inception_sharding
 
     model, x, want_f, want_l = inception
     assert np.abs(want_f).mean() > 0.05, "degenerate random features"
@@ -146,7 +147,7 @@ def test_inception_extractor_equals_module_padded_and_sharded(inception):
 
 
 def test_inception_extractor_grey_and_bad_input(inception):
-    from jaxdiff.metrics.inception import inception_extractor
+    from jaxdiff.extractors import inception_extractor
 
     model, x, want_f, _ = inception
     grey = inception_extractor(model, image_size=16, channels=1, logits=False)
@@ -166,7 +167,7 @@ def test_inception_extractor_grey_and_bad_input(inception):
 
 def test_inception_extractor_missing_weights_says_where(tmp_path, monkeypatch):
     from jaxdiff.convert.inception import WEIGHTS_ENV
-    from jaxdiff.metrics.inception import inception_extractor
+    from jaxdiff.extractors import inception_extractor
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=WEIGHTS_ENV):
         inception_extractor()
@@ -218,7 +219,7 @@ def ref(tmp_path_factory, data_dir):
 def test_write_ref_stats_digits_and_read_back(ref):
     from jaxdiff.data.digits import load_digits_arrays
     from jaxdiff.metrics import FeatureStats, load_stats
-    from jaxdiff.metrics.digits import digits_classifier
+    from jaxdiff.extractors import digits_classifier
 
     stats_path, feats_path = ref
     assert feats_path.endswith("digits16_test_features.npz")
@@ -302,7 +303,7 @@ def test_quantized_samples_match_pytorch_fid_on_png_files(tmp_path):
     from PIL import Image
     import test_inception as ti
     from jaxdiff.convert.inception import load_inception_fid
-    from jaxdiff.metrics.inception import inception_extractor
+    from jaxdiff.extractors import inception_extractor
 
     pfid = ti._import_pytorch_fid_inception(torch)
     sd = ti._random_fid_state_dict(pfid, torch)

@@ -256,7 +256,7 @@ def test_extract_sharded_padded_and_metric_names():
 # ----------------------------------------------------------------------------- digits classifier
 def test_shipped_digits_classifier_accuracy():
     from jaxdiff.data.digits import load_digits_arrays
-    from jaxdiff.metrics.digits import classifier_weights_path, digits_classifier, digits_classifier_info
+    from jaxdiff.extractors import classifier_weights_path, digits_classifier, digits_classifier_info
     for r in (16, 32):
         if r == 32 and not os.path.exists(classifier_weights_path(32)):
             continue
@@ -270,7 +270,7 @@ def test_shipped_digits_classifier_accuracy():
 
 def test_digits_quality_real_vs_noise():
     from jaxdiff.data.digits import load_digits_arrays
-    from jaxdiff.metrics.digits import digits_quality
+    from jaxdiff.extractors import digits_quality
     test_x, test_y = load_digits_arrays("test", 16)
     train_x, train_y = load_digits_arrays("train", 16)
     q_test = digits_quality(test_x.astype(np.float32) / 127.5 - 1, test_y, kid_subsets=10)
@@ -292,5 +292,5 @@ def test_digits_classifier_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_digits_classifier"):
         load_classifier(tmp_path / "none.npz")
     with pytest.raises(ValueError, match="resolution"):
-        from jaxdiff.metrics.digits import digits_classifier
+        from jaxdiff.extractors import digits_classifier
         digits_classifier(28)

@@ -1,6 +1,6 @@
 """A small NNX CNN classifier for the embedded digits (16x16x1 or 32x32x1, NHWC, values in [-1, 1]).
 
-It is the feature extractor of :mod:`jaxdiff.metrics.digits`: ``features(x)`` gives the penultimate
+It is the feature extractor of :func:`jaxdiff.extractors.digits_classifier`: ``features(x)`` gives the penultimate
 embedding ``(B, feature_dim)`` in which Fréchet distance / KID / precision-recall are measured, and
 ``__call__(x)`` gives the 10 class logits. The trained weights ship as
 ``jaxdiff/assets/digits_classifier_{16,32}.npz`` (written by ``benchmarks/train_digits_classifier.py``).
