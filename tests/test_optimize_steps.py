@@ -374,6 +374,31 @@ def test_custom_pytree_process_on_a_monotone_range():
     assert trace_count() == before and np.all(np.diff(g2) < 0)
 
 
+class PlainProcess(NoiseProcess):
+    """EDM's alpha = 1, sigma = t as a plain class (not a pytree): it enters the optimizer as a static argument."""
+    t_min = 1e-3
+    t_max = 1.0
+
+    def log_alpha(self, t):
+        return jnp.zeros_like(jnp.asarray(t, float))
+
+    def log_sigma(self, t):
+        return jnp.log(jnp.asarray(t))
+
+    def t_from_logsnr(self, logsnr):
+        return jnp.exp(-0.5 * jnp.asarray(logsnr))
+
+
+def test_plain_process_is_a_static_argument():
+    proc = PlainProcess()
+    g1 = optimize(proc, "unipc", 2, 5, t_start=0.3, t_end=0.01, init="uniform_logsnr")
+    before = trace_count()
+    g2 = optimize(proc, "unipc", 2, 5, t_start=0.3, t_end=0.01, init="uniform_logsnr", p=2.0)
+    assert trace_count() == before                    # the same object: the same program
+    assert np.all(np.diff(g1) < 0) and np.all(np.diff(g2) < 0)
+    np.testing.assert_allclose(objective(proc, g1, order=2), objective(EDM(), g1, order=2), rtol=1e-12)
+
+
 def test_nan_objective_returns_finite_grid_with_warning():
     # sigma^p / alpha with p = 300 on EDM overflows to inf at t = 80 => inf - inf = NaN objective everywhere
     proc = EDM()
