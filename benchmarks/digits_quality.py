@@ -23,7 +23,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import sample as sample_script  # noqa: E402
+from jaxdiff.sampling import Sampler, SamplerSettings, sample_images  # noqa: E402
+from jaxdiff.train_lib.experiment import load_sampling_model  # noqa: E402
 from jaxdiff.extractors import digits_quality  # noqa: E402
 
 SOLVERS = {                       # name -> (solver, solver_kwargs)
@@ -39,11 +40,12 @@ NFES = (5, 10, 20)
 GUIDANCE = (None, 1.5, 3.0)
 
 
-def score(exp, params, solver, kwargs, grid, steps, guidance, num, seed) -> dict:
-    sampler = exp.sampler(solver=solver, solver_kwargs=kwargs, grid=grid, steps=steps, guidance_scale=guidance)
-    labels = np.arange(num) % exp.config.model.num_classes
+def score(model, mesh, solver, kwargs, grid, steps, guidance, num, seed) -> dict:
+    settings = SamplerSettings(solver=solver, solver_kwargs=kwargs, grid=grid, steps=steps, guidance_scale=guidance)
+    sampler = Sampler(model, settings, mesh)
+    labels = np.arange(num) % model.num_classes
     t0 = time.perf_counter()
-    images = sample_script.draw(sampler, params, labels, num, seed, batch=num)
+    images = sample_images(sampler, labels, num, seed, batch=num)
     seconds = time.perf_counter() - t0
     q = digits_quality(images, labels)
     return {"class_agreement": q["class_agreement"], "frechet_classifier_distance": q["frechet_classifier_distance"],
@@ -58,8 +60,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_quality"))
     args = parser.parse_args()
-    exp, state, step = sample_script.load_checkpoint(args.workdir)
-    params = state.ema_params
+    model, mesh = load_sampling_model(args.workdir)
     solvers = {k: SOLVERS[k] for k in (["DDIM", "DPM-Solver++(2M)", "UniPC-3"] if args.quick else SOLVERS)}
     nfes = (10, 20) if args.quick else NFES
     grids = ("uniform_logsnr",) if args.quick else GRIDS
@@ -71,18 +72,18 @@ def main():
             for nfe in nfes:
                 if nfe < kwargs.get("order", 1):
                     continue
-                r = score(exp, params, solver, kwargs, grid, nfe, None, args.num, args.seed)
+                r = score(model, mesh, solver, kwargs, grid, nfe, None, args.num, args.seed)
                 rows.append({"solver": name, "grid": grid, "nfe": nfe, "guidance": None, **r})
                 print(f"{name:18s} {grid:15s} NFE {nfe:3d}: agreement {r['class_agreement']:.3f} "
                       f"FD {r['frechet_classifier_distance']:8.2f}", flush=True)
     for g in GUIDANCE[1:]:
         for nfe in nfes:
-            r = score(exp, params, "dpm_solver++", {"order": 2}, "uniform_logsnr", nfe, g, args.num, args.seed)
+            r = score(model, mesh, "dpm_solver++", {"order": 2}, "uniform_logsnr", nfe, g, args.num, args.seed)
             rows.append({"solver": "DPM-Solver++(2M)", "grid": "uniform_logsnr", "nfe": nfe, "guidance": g, **r})
             print(f"guidance {g}: NFE {nfe}: agreement {r['class_agreement']:.3f} "
                   f"FD {r['frechet_classifier_distance']:.2f}", flush=True)
     real = digits_quality_real()
-    meta = {"checkpoint": os.path.abspath(args.workdir), "checkpoint_step": step, "samples_per_cell": args.num,
+    meta = {"checkpoint": os.path.abspath(args.workdir), "checkpoint_step": model.step, "samples_per_cell": args.num,
             "seed": args.seed, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "real_train_vs_test": real}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -60,18 +60,21 @@ def evaluate(name: str, workdir: str, split: str, batch: int = 120) -> dict:
 
 def evaluate_ldm(name: str, workdir: str, num: int = 500, seed: int = 0) -> list[dict]:
     """Class agreement / Frechet distance of a latent digits model per guidance scale and NFE."""
-    import sample as sample_script
     from jaxdiff.extractors import digits_quality
-    exp, state, step = sample_script.load_checkpoint(workdir, mesh=make_mesh(1, 1, jax.devices()[:1]))
-    labels = np.arange(num) % exp.config.model.num_classes
+    from jaxdiff.sampling import Sampler, SamplerSettings, sample_images
+    from jaxdiff.train_lib.experiment import load_sampling_model
+    model, mesh = load_sampling_model(workdir, mesh=make_mesh(1, 1, jax.devices()[:1]))
+    step = model.step
+    labels = np.arange(num) % model.num_classes
     rows = []
     for guidance in (None, 2.0, 4.0):
         for nfe in (10, 20):
-            sampler = exp.sampler(solver="dpm_solver++", solver_kwargs={"order": 2}, grid="uniform_logsnr",
-                                  steps=nfe, guidance_scale=guidance)
-            sample_script.draw(sampler, state.ema_params, labels[:10], 10, seed, 10)   # compile
+            settings = SamplerSettings(solver="dpm_solver++", solver_kwargs={"order": 2}, grid="uniform_logsnr",
+                                       steps=nfe, guidance_scale=guidance)
+            sampler = Sampler(model, settings, mesh)
+            sample_images(sampler, labels[:10], 10, seed, 10)   # compile
             t0 = time.perf_counter()
-            images = sample_script.draw(sampler, state.ema_params, labels, num, seed, num)
+            images = sample_images(sampler, labels, num, seed, num)
             seconds = time.perf_counter() - t0
             q = digits_quality(images, labels)
             rows.append({"name": name, "workdir": os.path.relpath(os.path.abspath(workdir), ROOT), "step": step,

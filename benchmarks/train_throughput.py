@@ -38,7 +38,8 @@ from jaxdiff.nn.sharding import batch_sharding  # noqa: E402
 from jaxdiff.train_lib import config as config_lib  # noqa: E402
 from jaxdiff.train_lib import flops as flops_lib  # noqa: E402
 from jaxdiff.train_lib.experiment import build_experiment  # noqa: E402
-from jaxdiff.train_lib.model import build_model, make_apply, split_model  # noqa: E402
+from jaxdiff.nn.functional import make_apply, split_model  # noqa: E402
+from jaxdiff.train_lib.model import build_model  # noqa: E402
 from jaxdiff.train_lib.optim import make_optimizer  # noqa: E402
 from jaxdiff.train_lib.state import create_state  # noqa: E402
 from jaxdiff.train_lib.step import make_train_step  # noqa: E402

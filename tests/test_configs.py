@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from jaxdiff.train_lib import config as config_lib
-from jaxdiff.train_lib.model import build_model, split_model
+from jaxdiff.nn.functional import split_model
+from jaxdiff.train_lib.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import evaluate  # noqa: E402
+from jaxdiff.cli import evaluate  # noqa: E402
+from jaxdiff import evaluation  # noqa: E402
 from jaxdiff.metrics.features import extract, metrics_from_features  # noqa: E402
 from jaxdiff.metrics.quantize import quantize_uint8  # noqa: E402
 
@@ -213,7 +214,7 @@ def ref(tmp_path_factory, data_dir):
     rc = evaluate.main(["--write_ref_stats", out, "--dataset", "digits/16", "--split", "test", "--features",
                         "digits", "--data_dir", str(data_dir), "--batch", "128", "--quiet"])
     assert rc == 0
-    return out, evaluate.features_path_for(out)
+    return out, evaluation.features_path_for(out)
 
 
 def test_write_ref_stats_digits_and_read_back(ref):
@@ -287,10 +288,10 @@ def test_evaluate_reference_errors(tmp_path, run_dir, ref, capsys):
 
 
 def test_build_extractor_rejects_wrong_images():
-    with pytest.raises(evaluate.EvalError, match="grey .* of size 16 or 32, got 64x64x3"):
-        evaluate.build_extractor("digits", image_size=64, channels=3)
-    with pytest.raises(evaluate.EvalError, match="1-channel .* or 3-channel images, got 4"):
-        evaluate.build_extractor("inception", image_size=64, channels=4)
+    with pytest.raises(evaluation.EvalError, match="grey .* of size 16 or 32, got 64x64x3"):
+        evaluation.build_extractor("digits", image_size=64, channels=3)
+    with pytest.raises(evaluation.EvalError, match="1-channel .* or 3-channel images, got 4"):
+        evaluation.build_extractor("inception", image_size=64, channels=4)
 
 
 @pytest.mark.slow

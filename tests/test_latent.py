@@ -11,8 +11,8 @@ import pytest
 from test_train import data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
 from test_train_autoencoder import ae_config
 
-import sample as sample_script  # noqa: E402
-import train as train_script  # noqa: E402
+from jaxdiff.cli import sample as sample_cli  # noqa: E402
+from jaxdiff.train_lib import loop as train_loop  # noqa: E402
 
 
 
@@ -34,7 +34,7 @@ def latent_config(data_dir, ae_workdir, steps=3, size=8, channels=2, **train):  
 def ae_run(data_dir, tmp_path_factory):  # noqa: F811
     """A 4-step f2 KL autoencoder on 16x16 digits: 8x8x2 latents."""
     workdir = str(tmp_path_factory.mktemp("ae") / "ae")
-    train_script.train(ae_config(data_dir, 4), workdir, devices=_one())
+    train_loop.train(ae_config(data_dir, 4), workdir, devices=_one())
     return workdir
 
 
@@ -52,10 +52,10 @@ def test_latent_diffusion_trains_on_scaled_latents_and_samples_decode(tmp_path, 
     assert np.asarray(exp.autoencoder.decode(z)).shape == (2, 16, 16, 1)
 
     workdir = str(tmp_path / "ldm")
-    out = train_script.train(c, workdir, devices=_one())
+    out = train_loop.train(c, workdir, devices=_one())
     assert out["step"] == 3 and np.isfinite(out["final_loss"])
     assert (tmp_path / "ldm" / "samples" / "step_0000003.png").exists()
-    rc = sample_script.main(["--workdir", workdir, "--num", "6", "--steps", "3", "--guidance_scale", "2",
+    rc = sample_cli.main(["--workdir", workdir, "--num", "6", "--steps", "3", "--guidance_scale", "2",
                              "--out", str(tmp_path / "s")])
     assert rc == 0
     images = np.load(tmp_path / "s" / "samples.npz")["images"]
@@ -64,18 +64,18 @@ def test_latent_diffusion_trains_on_scaled_latents_and_samples_decode(tmp_path, 
 
 def test_latent_configuration_errors(tmp_path, data_dir, ae_run):  # noqa: F811
     with pytest.raises(ValueError, match=r"latent shape \(4, 4, 2\).*does not match the autoencoder.*\(8, 8, 2\)"):
-        train_script.train(latent_config(data_dir, ae_run, size=4), str(tmp_path / "a"), devices=_one())
+        train_loop.train(latent_config(data_dir, ae_run, size=4), str(tmp_path / "a"), devices=_one())
     with pytest.raises(ValueError, match="no autoencoder checkpoint there"):
-        train_script.train(latent_config(data_dir, str(tmp_path / "missing")), str(tmp_path / "b"), devices=_one())
+        train_loop.train(latent_config(data_dir, str(tmp_path / "missing")), str(tmp_path / "b"), devices=_one())
     c = latent_config(data_dir, ae_run)
     c.latent.size = None
     with pytest.raises(ValueError, match="give latent.size and latent.channels"):
-        train_script.train(c, str(tmp_path / "c"), devices=_one())
+        train_loop.train(c, str(tmp_path / "c"), devices=_one())
     pixel_run = str(tmp_path / "pixel")
-    train_script.train(tiny_config(data_dir, train=dict(steps=1, batch_size=16, sample_every=0)), pixel_run,
+    train_loop.train(tiny_config(data_dir, train=dict(steps=1, batch_size=16, sample_every=0)), pixel_run,
                        devices=_one())
     with pytest.raises(ValueError, match="is a 'diffusion' run, not an autoencoder"):
-        train_script.train(latent_config(data_dir, pixel_run), str(tmp_path / "d"), devices=_one())
+        train_loop.train(latent_config(data_dir, pixel_run), str(tmp_path / "d"), devices=_one())
 
 
 @pytest.mark.parity
@@ -91,7 +91,7 @@ def test_a_diffusers_vae_folder_is_a_frozen_first_stage(tmp_path, data_dir):  # 
                                   latent_channels=2, norm_num_groups=4, layers_per_block=1, scaling_factor=0.5)
     vae.save_pretrained(tmp_path / "pipe" / "vae")
     c = latent_config(data_dir, str(tmp_path / "pipe"))
-    out = train_script.train(c, str(tmp_path / "ldm"), devices=_one())
+    out = train_loop.train(c, str(tmp_path / "ldm"), devices=_one())
     assert out["step"] == 3 and np.isfinite(out["final_loss"])
     from jaxdiff.train_lib.latent import load_frozen_autoencoder
     ae = load_frozen_autoencoder(str(tmp_path / "pipe"), 16)

@@ -2,6 +2,7 @@
 device counts, output files, and clear errors for bad requests."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -12,10 +13,11 @@ import pytest
 
 from test_train import ROOT, tiny_config  # noqa: F401  (also puts ROOT on sys.path)
 
-import sample as sample_script  # noqa: E402
-import train as train_script  # noqa: E402
+from jaxdiff.cli import sample as sample_cli  # noqa: E402
+from jaxdiff.train_lib import loop as train_loop  # noqa: E402
 from jaxdiff.parallel import make_mesh  # noqa: E402
-from jaxdiff.train_lib.sampling import Sampler, time_grid  # noqa: E402
+from jaxdiff.sampling import Sampler, SamplerSettings, sample_images, time_grid  # noqa: E402
+from jaxdiff.train_lib.experiment import restore_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,42 +27,38 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("sample")
     build_digits(str(base / "tfds"), 16)
     c = tiny_config(base / "tfds", train=dict(steps=6, label_dropout=0.2))
-    train_script.train(c, str(base / "cfg"), devices=jax.devices()[:1])
+    train_loop.train(c, str(base / "cfg"), devices=jax.devices()[:1])
     return {"cfg": str(base / "cfg")}
 
 
-def _sampler(exp, mesh, **kw):
-    args = dict(prediction=exp.config.loss.target, image_shape=(16, 16, 1), solver="dpm_solver++", steps=5,
-                num_classes=10, class_null=exp.unet.class_null, mesh=mesh)
-    args.update(kw)
-    return Sampler(exp.apply, exp.process, **args)
+def _sampler(exp, mesh, class_null=True, **kw):
+    model = dataclasses.replace(exp.sampling_model(), class_null=class_null)
+    return Sampler(model, SamplerSettings(solver="dpm_solver++", steps=5, **kw), mesh)
 
 
 def test_samples_do_not_depend_on_chunking_or_device_count(runs):
-    exp, state, step = sample_script.load_checkpoint(runs["cfg"], mesh=make_mesh(1, 1, jax.devices()[:1]))
+    exp, state, step = restore_run(runs["cfg"], task="diffusion", mesh=make_mesh(1, 1, jax.devices()[:1]))
     assert step == 6
     labels = np.arange(12) % 10
     one = _sampler(exp, exp.mesh, guidance_scale=2.0)
-    whole = sample_script.draw(one, state.ema_params, labels, 12, seed=3, batch=12)
-    chunked = sample_script.draw(one, state.ema_params, labels, 12, seed=3, batch=5)
+    whole = sample_images(one, labels, 12, seed=3, batch=12, params=state.ema_params)
+    chunked = sample_images(one, labels, 12, seed=3, batch=5, params=state.ema_params)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
-    exp8, state8, _ = sample_script.load_checkpoint(runs["cfg"], mesh=make_mesh(4, 2))
-    eight = sample_script.draw(_sampler(exp8, exp8.mesh, guidance_scale=2.0), state8.ema_params, labels, 12,
-                               seed=3, batch=12)
+    exp8, state8, _ = restore_run(runs["cfg"], task="diffusion", mesh=make_mesh(4, 2))
+    eight = sample_images(_sampler(exp8, exp8.mesh, guidance_scale=2.0), labels, 12, seed=3, batch=12, params=state8.ema_params)
     np.testing.assert_allclose(eight, whole, rtol=1e-5, atol=1e-5)
-    other_seed = sample_script.draw(one, state.ema_params, labels, 12, seed=4, batch=12)
+    other_seed = sample_images(one, labels, 12, seed=4, batch=12, params=state.ema_params)
     assert np.abs(other_seed - whole).max() > 1e-2
     # guidance changes the samples; scale 1 equals plain conditional sampling
-    plain = sample_script.draw(_sampler(exp, exp.mesh), state.ema_params, labels, 12, seed=3, batch=12)
-    g1 = sample_script.draw(_sampler(exp, exp.mesh, guidance_scale=1.0), state.ema_params, labels, 12,
-                            seed=3, batch=12)
+    plain = sample_images(_sampler(exp, exp.mesh), labels, 12, seed=3, batch=12, params=state.ema_params)
+    g1 = sample_images(_sampler(exp, exp.mesh, guidance_scale=1.0), labels, 12, seed=3, batch=12, params=state.ema_params)
     np.testing.assert_allclose(g1, plain, rtol=1e-5, atol=1e-5)
     assert np.abs(plain - whole).max() > 1e-4
 
 
 def test_sample_script_writes_grid_npz_and_json(runs, tmp_path):
     out = tmp_path / "out"
-    rc = sample_script.main(["--workdir", runs["cfg"], "--num", "20", "--steps", "4", "--solver", "unipc",
+    rc = sample_cli.main(["--workdir", runs["cfg"], "--num", "20", "--steps", "4", "--solver", "unipc",
                              "--grid", "time_quadratic", "--labels", "3,7", "--out", str(out)])
     assert rc == 0
     data = np.load(out / "samples.npz")
@@ -72,13 +70,13 @@ def test_sample_script_writes_grid_npz_and_json(runs, tmp_path):
 
 
 def test_bad_sampling_requests_are_named(runs, tmp_path, capsys):
-    assert sample_script.main(["--workdir", runs["cfg"], "--labels", "3,12", "--out", str(tmp_path)]) == 2
-    assert "--labels must lie in [0, 10)" in capsys.readouterr().err
-    assert sample_script.main(["--workdir", str(tmp_path / "nothing")]) == 2
+    assert sample_cli.main(["--workdir", runs["cfg"], "--labels", "3,12", "--out", str(tmp_path)]) == 2
+    assert "labels must lie in [0, 10)" in capsys.readouterr().err
+    assert sample_cli.main(["--workdir", str(tmp_path / "nothing")]) == 2
     assert "no checkpoints" in capsys.readouterr().err
-    assert sample_script.main(["--workdir", runs["cfg"], "--solver", "rk45", "--out", str(tmp_path)]) == 2
+    assert sample_cli.main(["--workdir", runs["cfg"], "--solver", "rk45", "--out", str(tmp_path)]) == 2
     assert "rk45" in capsys.readouterr().err
-    exp, _, _ = sample_script.load_checkpoint(runs["cfg"], mesh=make_mesh(1, 1, jax.devices()[:1]))
+    exp, _, _ = restore_run(runs["cfg"], task="diffusion", mesh=make_mesh(1, 1, jax.devices()[:1]))
     with pytest.raises(ValueError, match="trained with label dropout"):
         _sampler(exp, exp.mesh, class_null=False, guidance_scale=2.0)
     with pytest.raises(ValueError, match="grid 'optimized' exists for solvers"):
@@ -110,7 +108,7 @@ def test_sampling_a_diffusers_folder(tmp_path):
         np.testing.assert_allclose(ours, sched.alphas_cumprod.double().numpy(), rtol=1e-4)  # diffusers: float32
     assert prediction == "eps"
     out = tmp_path / "out"
-    assert sample_script.main(["--diffusers", str(tmp_path), "--num", "4", "--steps", "3", "--out", str(out)]) == 0
+    assert sample_cli.main(["--diffusers", str(tmp_path), "--num", "4", "--steps", "3", "--out", str(out)]) == 0
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
     with pytest.raises(ValueError, match="unsupported beta_schedule"):

@@ -11,7 +11,7 @@ import pytest
 
 from test_train import data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
 
-import train as train_script  # noqa: E402
+from jaxdiff.train_lib import loop as train_loop  # noqa: E402
 from jaxdiff.train_lib import checkpoint as ckpt  # noqa: E402
 from jaxdiff.train_lib.writer import read_metrics  # noqa: E402
 
@@ -44,7 +44,7 @@ def _state(workdir):
 
 def test_autoencoder_training_gan_scale_and_exact_resume(tmp_path, data_dir):  # noqa: F811
     one = jax.devices()[:1]
-    train_script.train(ae_config(data_dir, 4), str(tmp_path / "straight"), devices=one)
+    train_loop.train(ae_config(data_dir, 4), str(tmp_path / "straight"), devices=one)
     m = read_metrics(str(tmp_path / "straight"))
     steps = [r for r in m if "d_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -54,8 +54,8 @@ def test_autoencoder_training_gan_scale_and_exact_resume(tmp_path, data_dir):  #
     assert scale["checkpoint_step"] == 4 and scale["num_images"] == 64 and 0 < scale["scale_factor"] < 1e3
     assert any(r.get("latent_scale") == scale["scale_factor"] for r in m)
 
-    train_script.train(ae_config(data_dir, 2), str(tmp_path / "resumed"), devices=one)
-    train_script.train(ae_config(data_dir, 4), str(tmp_path / "resumed"), devices=one)
+    train_loop.train(ae_config(data_dir, 2), str(tmp_path / "resumed"), devices=one)
+    train_loop.train(ae_config(data_dir, 4), str(tmp_path / "resumed"), devices=one)
     (s1, a), (s2, b) = _state(str(tmp_path / "straight")), _state(str(tmp_path / "resumed"))
     assert s1 == s2 == 4
     assert set(a) >= {"params", "disc_params", "opt_state", "disc_opt_state", "ema_params"}
@@ -67,12 +67,12 @@ def test_autoencoder_training_gan_scale_and_exact_resume(tmp_path, data_dir):  #
 def test_autoencoder_config_errors(tmp_path, data_dir, monkeypatch):  # noqa: F811
     monkeypatch.delenv("JAXDIFF_LPIPS_WEIGHTS", raising=False)
     with pytest.raises(ValueError, match="lpips_weights"):
-        train_script.train(ae_config(data_dir, 1, perceptual_weight=1.0, lpips_weights=str(tmp_path / "none")),
+        train_loop.train(ae_config(data_dir, 1, perceptual_weight=1.0, lpips_weights=str(tmp_path / "none")),
                            str(tmp_path / "a"), devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="autoencoder.kind must be 'kl' or 'vq'"):
-        train_script.train(ae_config(data_dir, 1, kind="vae"), str(tmp_path / "b"), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"'autoencoder.kind' must be one of \['kl', 'vq'\]"):
+        train_loop.train(ae_config(data_dir, 1, kind="vae"), str(tmp_path / "b"), devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="not divisible by the autoencoder's downsampling factor"):
-        train_script.train(ae_config(data_dir, 1, block_out_channels=(8, 8, 8, 8, 8, 8)), str(tmp_path / "c"),
+        train_loop.train(ae_config(data_dir, 1, block_out_channels=(8, 8, 8, 8, 8, 8)), str(tmp_path / "c"),
                            devices=jax.devices()[:1])
     with pytest.warns(UserWarning, match="WITHOUT its perceptual term"):
         from jaxdiff.parallel import make_mesh
@@ -82,7 +82,7 @@ def test_autoencoder_config_errors(tmp_path, data_dir, monkeypatch):  # noqa: F8
 
 def test_vq_autoencoder_trains_through_train_py(tmp_path, data_dir):  # noqa: F811
     c = ae_config(data_dir, 2, kind="vq", num_vq_embeddings=16)
-    out = train_script.train(c, str(tmp_path / "vq"), devices=jax.devices()[:1])
+    out = train_loop.train(c, str(tmp_path / "vq"), devices=jax.devices()[:1])
     assert out["step"] == 2
     m = [r for r in read_metrics(str(tmp_path / "vq")) if "codebook" in r]
     assert len(m) == 2 and all(np.isfinite(r["codebook"]) and r["codebook"] > 0 for r in m)

@@ -2,6 +2,7 @@
 from jaxdiff.convert.configs import (UnsupportedConfigError, autoencoder_config_from_diffusers,
                                      autoencoder_config_to_diffusers, unet_config_from_diffusers,
                                      unet_config_to_diffusers)
+from jaxdiff.convert.diffusers_model import load_diffusers_model
 from jaxdiff.convert.diffusers_io import (diffusers_config, load_autoencoder, load_autoencoder_kl,
                                           load_diffusers, load_unet, load_vq_model, read_config,
                                           read_state_dict, save_diffusers)
@@ -10,6 +11,6 @@ from jaxdiff.convert.keys import CheckpointMismatchError, export_state_dict, loa
 __all__ = [
     "CheckpointMismatchError", "UnsupportedConfigError", "autoencoder_config_from_diffusers",
     "autoencoder_config_to_diffusers", "diffusers_config", "export_state_dict", "load_autoencoder",
-    "load_autoencoder_kl", "load_diffusers", "load_state_dict", "load_unet", "load_vq_model", "read_config",
+    "load_autoencoder_kl", "load_diffusers", "load_diffusers_model", "load_state_dict", "load_unet", "load_vq_model", "read_config",
     "read_state_dict", "save_diffusers", "unet_config_from_diffusers", "unet_config_to_diffusers",
 ]

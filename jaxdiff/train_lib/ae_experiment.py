@@ -1,6 +1,6 @@
 """What an autoencoder config (``task="autoencoder"``) determines: the KL or VQ autoencoder, the patch
-discriminator, the optional LPIPS term, both optimizers, and the state's shapes and shardings. It offers
-the same interface as :class:`jaxdiff.train_lib.experiment.Experiment`, so ``train.py`` runs either."""
+discriminator, the optional LPIPS term, both optimizers, and the state's shapes and shardings. It meets
+the :class:`~jaxdiff.train_lib.experiment.Experiment` interface, so the training loop runs either."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,13 +19,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.nn.autoencoder import AutoencoderConfig, AutoencoderKL
 from jaxdiff.nn.discriminator import NLayerDiscriminator
-from jaxdiff.nn.sharding import state_shardings
+from jaxdiff.nn.sharding import batch_sharding, state_shardings
 from jaxdiff.nn.vq import VQModel
-from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib.autoencoder import (AutoencoderTrainState, create_autoencoder_state,
                                            latent_scale_factor, make_autoencoder_step)
 from jaxdiff.train_lib.images import save_grid
 from jaxdiff.train_lib.optim import learning_rate_schedule
+from jaxdiff.train_lib.state import optimizer_shardings, with_shardings
 
 SCALE_FILE = "latent_scale.json"
 
@@ -64,7 +64,7 @@ def _merge_apply(graphdef, rest):
 
 @dataclasses.dataclass
 class AutoencoderExperiment:
-    """Interface of :class:`~jaxdiff.train_lib.experiment.Experiment` for autoencoder training."""
+    """Autoencoder training (:class:`~jaxdiff.train_lib.experiment.Experiment` interface)."""
 
     config: Any
     mesh: Mesh
@@ -91,8 +91,11 @@ class AutoencoderExperiment:
 
     def abstract_sharded_state(self) -> AutoencoderTrainState:
         """Restore target with this mesh's shardings."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract_state, self.state_shardings)
+        return with_shardings(self.abstract_state, self.state_shardings)
+
+    def batch_shardings(self) -> dict:
+        """``{"image": (B,H,W,C), "label": (B,)}`` shardings (labels are read but unused)."""
+        return {"image": batch_sharding(self.mesh, 4), "label": batch_sharding(self.mesh, 1)}
 
     def make_train_step(self):
         """``step(state, batch) -> (state, metrics)`` (see ``train_lib.autoencoder``)."""
@@ -163,8 +166,7 @@ def _lpips(config) -> Callable | None:
 
 
 def build_autoencoder_experiment(config, mesh: Mesh) -> AutoencoderExperiment:
-    """Validate ``config`` (``task="autoencoder"``) and build its experiment on ``mesh``."""
-    config_lib.validate(config)
+    """The experiment of a validated ``task="autoencoder"`` config on ``mesh``."""
     a = config.autoencoder
     model = build_autoencoder(config, config.seed)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
@@ -208,12 +210,10 @@ def build_autoencoder_experiment(config, mesh: Mesh) -> AutoencoderExperiment:
     p_sh = nnx.to_pure_dict(state_shardings(params_state, mesh))
     d_sh = nnx.to_pure_dict(state_shardings(d_params_state, mesh))
 
-    def opt_sh(opt, opt_state, sh):
-        return optax.tree_map_params(opt, lambda _, s: s, opt_state, sh, transform_non_params=lambda _: replicated,
-                                     is_leaf=lambda x: isinstance(x, NamedSharding))
     shardings = AutoencoderTrainState(step=replicated, params=p_sh, disc_params=d_sh,
-                                      opt_state=opt_sh(gen_opt, abstract.opt_state, p_sh),
-                                      disc_opt_state=opt_sh(disc_opt, abstract.disc_opt_state, d_sh),
+                                      opt_state=optimizer_shardings(gen_opt, abstract.opt_state, p_sh, mesh),
+                                      disc_opt_state=optimizer_shardings(disc_opt, abstract.disc_opt_state, d_sh,
+                                                                         mesh),
                                       ema_params=p_sh, rng=replicated, bad_step=replicated)
     n = sum(int(x.size) for x in jax.tree.leaves(params))
     return AutoencoderExperiment(config=config, mesh=mesh, ae_apply=ae_apply, disc_apply=disc_apply, encode=encode, merged=merged,

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff.train_lib.state import skip_if_nonfinite
 from jaxdiff.train_lib.step import ema_decay_at
 
 KINDS = ("kl", "vq")
@@ -221,12 +222,9 @@ def make_autoencoder_step(ae_apply: Callable, disc_apply: Callable, lpips_fn: Ca
 
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(d_loss)
                   & jnp.isfinite(disc_grad_norm))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-        new_state = state.replace(
-            step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-            opt_state=keep(opt_state, state.opt_state), disc_params=keep(disc_params, state.disc_params),
-            disc_opt_state=keep(disc_opt_state, state.disc_opt_state), bad_step=bad_step)
+        new_state = skip_if_nonfinite(state, state.replace(
+            step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, disc_params=disc_params,
+            disc_opt_state=disc_opt_state), finite)
         f32 = lambda v: jnp.asarray(v, jnp.float32)
         metrics = {"loss": f32(loss), "nll": f32(nll), "rec": f32(rec),
                    ("kl" if kind == "kl" else "codebook"): f32(reg_raw),

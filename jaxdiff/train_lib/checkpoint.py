@@ -13,10 +13,13 @@ import logging
 import os
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxdiff.parallel import make_mesh
+from jaxdiff.train_lib import config as config_lib
 
 MANIFEST = "manifest.json"
 ITEMS = ("state", "data", "config")
@@ -100,6 +103,12 @@ class Checkpointer:
                                f"({type(error).__name__}: {error}); the checkpoints already there "
                                f"({kept or 'none'}) were not modified")
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes have reached the step at which to save for a preemption notice (orbax's
+        check of the JAX distributed runtime's preemption sync point: no collective unless a notice came;
+        False in a single-process run, which handles SIGTERM itself)."""
+        return bool(self._manager.reached_preemption(step))
+
     def close(self) -> None:
         """Finish pending saves and release orbax's threads."""
         try:
@@ -181,3 +190,28 @@ class Checkpointer:
 def abstract_like(tree: Any) -> Any:
     """``jax.ShapeDtypeStruct`` tree (with shardings) of a live tree: the restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_workdir(workdir: str, build: Callable, *, task: str | None = None, step: int | None = None,
+                    mesh=None) -> tuple[Any, Any, int]:
+    """``(experiment, state, step)``: the config stored with a run's newest readable (or the given) step,
+    ``build(config, mesh)`` on ``mesh`` (default: all devices), and the state restored into its shardings.
+    Raises FileNotFoundError when ``<workdir>/checkpoints`` holds no checkpoint, ValueError when the run's
+    task is not ``task`` (None: any)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {directory}: train first (jaxdiff-train --workdir {workdir})")
+    reader = Checkpointer(directory, async_save=False)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{directory} holds no committed checkpoint")
+        config = config_lib.config_from_dict(reader.read_config(step if step is not None else steps[-1]))
+        if task is not None and config.task != task:
+            article = "an" if task[0] in "aeiou" else "a"
+            raise ValueError(f"{workdir} is a {config.task!r} run, not {article} {task} run")
+        exp = build(config, mesh if mesh is not None else make_mesh())
+        restored_step, state, _, _ = reader.restore(exp.abstract_sharded_state(), step)
+    finally:
+        reader.close()
+    return exp, state, restored_step

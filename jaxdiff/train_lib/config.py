@@ -8,6 +8,7 @@ valid ones listed.
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import os
 from typing import Any, Sequence
@@ -103,7 +104,7 @@ def _keys(cfg: ConfigDict) -> list[str]:
 TASKS = ("diffusion", "autoencoder")
 
 
-def validate(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
+def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
     """Raise ValueError naming any key of ``config`` that the schema (default: :func:`default_config`)
     lacks, with the valid keys at that level; free-form dicts (``*kwargs``, ``*_params``) are not checked."""
     if schema is None and config.get("task", "diffusion") not in TASKS:
@@ -118,15 +119,168 @@ def validate(config: ConfigDict, schema: ConfigDict | None = None, prefix: str =
         if isinstance(ref, ConfigDict) and not free:
             if not isinstance(value, (ConfigDict, dict)):
                 raise ValueError(f"config key {prefix + key!r} must be a group of keys {_keys(ref)}, got {value!r}")
-            validate(ConfigDict(value) if isinstance(value, dict) else value, ref, prefix + key + ".")
+            check_keys(ConfigDict(value) if isinstance(value, dict) else value, ref, prefix + key + ".")
+
+
+def validate(config: ConfigDict) -> None:
+    """Check a whole config before any work: every key is in the schema (:func:`check_keys`), every value
+    has its key's type (:func:`check_types`), names name something that exists and numbers lie in range
+    (:func:`check_values`). Raises ValueError naming the key, the value and what is accepted."""
+    check_keys(config)
+    check_types(config)
+    check_values(config)
+
+
+# keys whose default is a value but that also accept None (and what None means)
+NULLABLE = {"data.label_key", "model.num_classes", "model.mid_attention", "optim.clip_norm"}
+# keys whose default is None and the types they take otherwise
+OPTIONAL_TYPES = {
+    "data.data_dir": (str,), "train.peak_tflops": (int, float), "sample.guidance_scale": (int, float),
+    "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
+    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float),
+}
+
+
+def _leaves(cfg: ConfigDict, prefix: str = ""):
+    for key in cfg.keys():
+        value = cfg[key]
+        free = key.endswith("kwargs") or key.endswith("_params")
+        if isinstance(value, ConfigDict) and not free:
+            yield from _leaves(value, prefix + key + ".")
+        elif not free:
+            yield prefix + key, value
+
+
+def _type_name(types) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def check_types(config: ConfigDict, schema: ConfigDict | None = None) -> None:
+    """Raise ValueError for a value whose type is not its key's (the schema default's type; an int
+    stands for a float; a list for a tuple), e.g. a string where a number belongs."""
+    schema = default_config() if schema is None else schema
+    defaults = dict(_leaves(schema))
+    for key, value in _leaves(config):
+        ref = defaults.get(key)
+        if ref is None:
+            types = OPTIONAL_TYPES.get(key)
+            if value is None or types is None:
+                continue
+        else:
+            if value is None:
+                if key in NULLABLE:
+                    continue
+                raise ValueError(f"config key {key!r} must be a {type(ref).__name__}, got None")
+            types = (float, int) if isinstance(ref, float) else (type(ref),)
+        if isinstance(value, bool) and bool not in types:
+            ok = False
+        elif tuple in types:
+            ok = isinstance(value, (tuple, list))
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            raise ValueError(f"config key {key!r} must be a {_type_name(types)}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def _one_of(key: str, value, accepted) -> None:
+    if value not in accepted:
+        raise ValueError(f"config key {key!r} must be one of {sorted(accepted)}, got {value!r}")
+
+
+def _check_range(key: str, value, low=None, high=None, *, low_open=False, high_open=False) -> None:
+    if value is None:
+        return
+    bad = ((low is not None and (value < low or (low_open and value == low)))
+           or (high is not None and (value > high or (high_open and value == high))))
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"config key {key!r} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}")
+
+
+def check_values(c: ConfigDict) -> None:
+    """Raise ValueError for a value out of its range or a name that names nothing (a solver, a grid, a
+    noise process, a loss option, ...), including values first used late in a run, such as the sampler
+    of the training sample grids."""
+    from jaxdiff.data.transforms import CROPS
+    from jaxdiff.losses import TIME_SAMPLERS, WEIGHTINGS
+    from jaxdiff.noise import PROCESSES
+    from jaxdiff.predictions import KINDS
+    from jaxdiff.sampling import SamplerSettings
+    from jaxdiff.train_lib.optim import SCHEDULES
+    _one_of("task", c.task, TASKS)
+    _one_of("data.crop", c.data.crop, CROPS)
+    _one_of("process.name", c.process.name, PROCESSES)
+    _one_of("loss.target", c.loss.target, KINDS)
+    _one_of("loss.time_sampling", c.loss.time_sampling, TIME_SAMPLERS)
+    _one_of("loss.weighting", c.loss.weighting, WEIGHTINGS)
+    _one_of("model.dtype", c.model.dtype, ("float32", "bfloat16"))
+    _one_of("optim.schedule", c.optim.schedule, SCHEDULES)
+    _one_of("autoencoder.kind", c.autoencoder.kind, ("kl", "vq"))
+    _one_of("autoencoder.rec_loss", c.autoencoder.rec_loss, ("l1", "l2"))
+    for key, low in [("data.image_size", 1), ("data.channels", 1), ("train.steps", 1), ("train.batch_size", 1),
+                     ("train.grad_accum", 1), ("train.log_every", 1), ("train.sample_every", 0),
+                     ("checkpoint.every", 1), ("checkpoint.keep", 1), ("optim.warmup_steps", 0),
+                     ("model.layers_per_block", 1), ("model.norm_num_groups", 1), ("sample.steps", 1),
+                     ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1)]:
+        _check_range(key, _get(c, key), low)
+    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops"):
+        _check_range(key, _get(c, key), 0, low_open=True)
+    for key in ("optim.weight_decay", "optim.end_lr_factor", "optim.clip_norm", "autoencoder.kl_weight",
+                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight"):
+        _check_range(key, _get(c, key), 0)
+    for key in ("optim.b1", "optim.b2"):
+        _check_range(key, _get(c, key), 0, 1, high_open=True)
+    _check_range("train.label_dropout", c.train.label_dropout, 0, 1, high_open=True)
+    _check_range("train.ema_decay", c.train.ema_decay, 0, 1)
+    _check_range("model.dropout", c.model.dropout, 0, 1, high_open=True)
+    if c.train.batch_size % c.train.grad_accum:
+        raise ValueError(f"config key 'train.batch_size' ({c.train.batch_size}) must divide by "
+                         f"'train.grad_accum' ({c.train.grad_accum})")
+    if c.task == "autoencoder" and c.train.grad_accum != 1:
+        raise ValueError("config key 'train.grad_accum' must be 1 for task='autoencoder'")
+    for key in ("model.block_out_channels", "autoencoder.block_out_channels"):
+        channels = _get(c, key)
+        if not channels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in channels):
+            raise ValueError(f"config key {key!r} must be a non-empty tuple of positive ints, got {channels!r}")
+    if c.task == "diffusion":
+        try:
+            SamplerSettings.resolve(c.sample)
+        except ValueError as e:
+            raise ValueError(f"config section 'sample': {e}") from None
+
+
+def _get(c: ConfigDict, dotted: str):
+    node = c
+    for name in dotted.split("."):
+        node = node[name]
+    return node
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with jaxdiff (the repository's ``configs/``, ``jaxdiff.configs``)."""
+    try:
+        folder = importlib.resources.files("jaxdiff.configs")
+    except ModuleNotFoundError:
+        return []
+    return sorted(p.name[:-3] for p in folder.iterdir() if p.name.endswith(".py") and not p.name.startswith("_"))
+
+
+def config_file(name: str) -> str:
+    """The file of a config given as a path, or as the name of a shipped config (``digits``)."""
+    if os.path.isfile(name):
+        return name
+    if os.sep not in name and not name.endswith(".py") and name in shipped_configs():
+        return str(importlib.resources.files("jaxdiff.configs") / f"{name}.py")
+    raise ValueError(f"config {name!r} is neither a file nor a shipped config; shipped: {shipped_configs()}")
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Load ``path[:arg]`` (a module with ``get_config``), apply ``--config.a.b=value`` style overrides
+    """Load ``path[:arg]`` (a config file or shipped config name; a module with ``get_config``), apply ``--config.a.b=value`` style overrides
     (``"a.b=value"`` also accepted), validate, and return it (still locked against new keys)."""
-    file, _, arg = path.partition(":")
-    if not os.path.exists(file):
-        raise ValueError(f"config file {file!r} does not exist")
+    name, _, arg = path.partition(":")
+    file = config_file(name)
     spec = importlib.util.spec_from_file_location("jaxdiff_user_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -18,8 +18,14 @@ def step_flops(train_step, abstract_state, batch_size: int, image_shape: tuple[i
     strip = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     batch = {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    return lowered_flops(jax.jit(train_step).lower(jax.tree.map(strip, abstract_state), batch))
+
+
+def lowered_flops(lowered) -> float:
+    """Floating-point operations XLA's cost analysis gives for a ``jax.stages.Lowered`` program (the
+    whole, unpartitioned computation; 0.0 when there is no estimate). No compilation happens."""
     try:
-        cost = jax.jit(train_step).lower(jax.tree.map(strip, abstract_state), batch).cost_analysis()
+        cost = lowered.cost_analysis()
     except Exception:   # noqa: BLE001 - an estimate only
         return 0.0
     if isinstance(cost, (list, tuple)):

@@ -12,7 +12,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.train_lib.ae_experiment import SCALE_FILE
+from jaxdiff.parallel import make_mesh
+from jaxdiff.train_lib.ae_experiment import SCALE_FILE, build_autoencoder_experiment
+from jaxdiff.train_lib.checkpoint import restore_workdir
 
 
 @dataclasses.dataclass
@@ -35,13 +37,12 @@ def load_frozen_autoencoder(workdir: str, image_size: int) -> FrozenAutoencoder:
     for folder in (workdir, os.path.join(workdir, "vae")):
         if os.path.exists(os.path.join(folder, "config.json")):
             return load_diffusers_autoencoder(folder, image_size)
-    from jaxdiff.parallel import make_mesh
-    from jaxdiff.train_lib.experiment import restore_run
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise ValueError(f"latent.autoencoder={workdir!r}: no autoencoder checkpoint there (train one with "
                          f"python train.py --config configs/ae_digits.py --workdir {workdir})")
     try:
-        exp, state, step = restore_run(workdir, task="autoencoder", mesh=make_mesh(1, 1, jax.devices()[:1]))
+        exp, state, step = restore_workdir(workdir, build_autoencoder_experiment, task="autoencoder",
+                                           mesh=make_mesh(1, 1, jax.devices()[:1]))
     except FileNotFoundError as e:
         raise ValueError(f"latent.autoencoder={workdir!r}: {e}") from None
     scale_path = os.path.join(workdir, SCALE_FILE)

@@ -1,14 +1,7 @@
-"""The network a training config describes, and the denoiser that sampling calls.
-
-``build_model`` turns ``config.model`` into a :class:`jaxdiff.nn.UNet`; ``split_model`` separates its
-graph from its parameters (what the train state holds); ``make_denoiser`` wraps merged parameters as the
-solvers' ``f(x, t[, labels])`` in continuous time.
-"""
+"""The network a training config describes: ``build_model`` turns ``config.model`` into a
+:class:`jaxdiff.nn.UNet` (``jaxdiff.nn.functional`` splits it into graph and parameters)."""
 from __future__ import annotations
 
-from typing import Any, Callable
-
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,36 +36,3 @@ def build_model(config, seed: int = 0) -> UNet:
                          f"{levels - 1} downsamplings)")
     return UNet(unet_config(config), dtype=DTYPES[config.model.dtype], remat=config.model.remat,
                 rngs=nnx.Rngs(seed))
-
-
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, params, rest)``: the trainable parameters and any other state, apart."""
-    return nnx.split(model, nnx.Param, ...)
-
-
-def make_apply(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Array]:
-    """``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None, dropout_key=None) -> (B,H,W,C)``, pure.
-
-    With a ``dropout_key`` the network runs in training mode (dropout masks drawn from that key); without
-    one, in evaluation mode (dropout off). ``rest`` (dropout RNG state, if any) is kept as plain arrays
-    and merged afresh inside each trace, so nothing is mutated across ``jit`` boundaries.
-    """
-    rest_values = nnx.to_pure_dict(rest)
-    has_rngs = bool(jax.tree.leaves(rest_values))
-
-    def apply(params, x, model_time, labels=None, dropout_key=None):
-        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest_values))
-        if dropout_key is not None and has_rngs:
-            nnx.reseed(model, default=dropout_key)
-        else:
-            model.eval()
-        return model(x, model_time, labels=labels)
-    return apply
-
-
-def make_denoiser(apply: Callable[..., jax.Array], params: Any, process) -> Callable[..., jax.Array]:
-    """Solver-facing ``f(x, t[, labels])`` in continuous time: the network sees ``process.model_time(t)``
-    and returns its prediction in float32."""
-    def denoiser(x, t, labels=None):
-        return apply(params, x, process.model_time(t), labels).astype(jnp.float32)
-    return denoiser

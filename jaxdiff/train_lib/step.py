@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdiff.train_lib.state import TrainState
+from jaxdiff.train_lib.state import TrainState, skip_if_nonfinite
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
@@ -86,11 +86,8 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
         d = ema_decay_at(state.step, ema_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema_params, params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        bad_step = jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step)
-        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                                  ema_params=keep(ema, state.ema_params),
-                                  opt_state=keep(opt_state, state.opt_state), bad_step=bad_step)
+        new_state = skip_if_nonfinite(state, state.replace(step=state.step + 1, params=params, ema_params=ema,
+                                                           opt_state=opt_state), finite)
         metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return new_state, metrics

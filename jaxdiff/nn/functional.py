@@ -1,0 +1,37 @@
+"""An NNX module as a pure function of its parameters: what the train state holds and what jit sees.
+
+``split_model`` separates a module's graph from its trainable parameters and any other state;
+``make_apply`` turns the graph (and that other state) back into a pure
+``apply(params, x, model_time, labels, dropout_key)`` for the UNet-style signature every denoiser here has.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, params, rest)``: the trainable parameters and any other state, apart."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def make_apply(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Array]:
+    """``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None, dropout_key=None) -> (B,H,W,C)``, pure.
+
+    With a ``dropout_key`` the network runs in training mode (dropout masks drawn from that key); without
+    one, in evaluation mode (dropout off). ``rest`` (dropout RNG state, if any) is kept as plain arrays
+    and merged afresh inside each trace, so nothing is mutated across ``jit`` boundaries.
+    """
+    rest_values = nnx.to_pure_dict(rest)
+    has_rngs = bool(jax.tree.leaves(rest_values))
+
+    def apply(params, x, model_time, labels=None, dropout_key=None):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest_values))
+        if dropout_key is not None and has_rngs:
+            nnx.reseed(model, default=dropout_key)
+        else:
+            model.eval()
+        return model(x, model_time, labels=labels)
+    return apply

@@ -1,0 +1,264 @@
+"""Sampling a trained network, whatever it came from.
+
+- :class:`SamplingModel`: what sampling needs to know about a network (its pure ``apply``, parameters,
+  noise process, prediction kind, shape, classes, an optional latent decoder). A training run's checkpoint
+  (``train_lib.experiment.restore_run(...).sampling_model``) and a diffusers folder
+  (``convert.load_diffusers_model``) both produce one.
+- :class:`SamplerSettings`: solver, its options, time grid, step count and guidance scale, checked at once.
+- :class:`Sampler`: one compiled, batch-sharded program that turns start noise into images for a model
+  and settings.
+- :func:`sample_chunks` / :func:`sample_images`: ``num`` samples drawn ``batch`` at a time; the same
+  seed gives the same samples in any chunking and on any device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff.nn.sharding import batch_sharding
+from jaxdiff.solvers import SOLVERS, make_solver, sample
+from jaxdiff.timesteps import GRIDS, make_grid
+
+OPTIMIZED_SOLVERS = ("dpm_solver++", "unipc")
+GRID_NAMES = tuple(sorted(GRIDS)) + ("optimized",)
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingModel:
+    """A trained network as sampling sees it.
+
+    Attributes:
+      apply: ``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None) -> (B,H,W,C)`` prediction.
+      params: the parameters ``apply`` takes (None for a model whose parameters are passed per call).
+      process: the noise process it was trained with; ``prediction``: what it predicts (``PREDICTIONS``).
+      shape: ``(H, W, C)`` the network sees (the latents of latent diffusion).
+      num_classes: classes of a class-conditional model (None: unconditional); ``class_null``: whether
+        class ``num_classes`` is the null class of classifier-free guidance.
+      decode: latent diffusion: ``decode(z (B,h,w,c)) -> images (B,H,W,C)``, run in the same program.
+      defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
+        caller gives none.
+      step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
+    """
+
+    apply: Callable[..., jax.Array]
+    params: Any
+    process: Any
+    prediction: str
+    shape: tuple[int, int, int]
+    num_classes: int | None = None
+    class_null: bool = False
+    decode: Callable[[jax.Array], jax.Array] | None = None
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    step: int | None = None
+    source: str = ""
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if len(self.shape) != 3:
+            raise ValueError(f"shape must be (H, W, C), got {self.shape!r}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of the images the sampler returns (decoded, for latent models)."""
+        if self.decode is None:
+            return tuple(self.shape)
+        z = jax.ShapeDtypeStruct((1,) + tuple(self.shape), jnp.float32)
+        return tuple(jax.eval_shape(self.decode, z).shape[1:])
+
+
+def make_denoiser(apply: Callable[..., jax.Array], params: Any, process) -> Callable[..., jax.Array]:
+    """Solver-facing ``f(x (B,H,W,C), t (B,)[, labels (B,)]) -> (B,H,W,C)`` float32 in continuous time: the
+    network sees ``process.model_time(t)``."""
+    def denoiser(x, t, labels=None):
+        return apply(params, x, process.model_time(t), labels).astype(jnp.float32)
+    return denoiser
+
+
+def time_grid(process, grid: str, steps: int, solver: str = "dpm_solver++", order: int | None = None) -> np.ndarray:
+    """``(steps+1,)`` float64 times: a hand-made grid by name, or ``"optimized"`` (Xue et al.; cached
+    grids, optimized on a miss) for the multistep solvers in ``OPTIMIZED_SOLVERS``."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"sampling steps must be a positive integer, got {steps!r}")
+    if grid == "optimized":
+        if solver not in OPTIMIZED_SOLVERS:
+            raise ValueError(f"grid 'optimized' exists for solvers {OPTIMIZED_SOLVERS}, not {solver!r}")
+        from jaxdiff.timesteps.cache import optimized_grid
+        order = order or (2 if solver == "dpm_solver++" else 3)
+        return np.asarray(optimized_grid(process, solver, order, steps), np.float64)
+    if grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; choose one of {list(GRID_NAMES)}")
+    return np.asarray(make_grid(grid, process, steps), np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """How to sample: ``solver`` (a name of ``jaxdiff.solvers.SOLVERS``) with ``solver_kwargs``, the time
+    ``grid`` (``GRID_NAMES``), ``steps`` and the classifier-free ``guidance_scale`` (None: none)."""
+
+    solver: str = "dpm_solver++"
+    solver_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    grid: str = "uniform_logsnr"
+    steps: int = 20
+    guidance_scale: float | None = None
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
+        if not isinstance(self.solver_kwargs, Mapping):
+            raise ValueError(f"solver_kwargs must be a dict, got {self.solver_kwargs!r}")
+        object.__setattr__(self, "solver_kwargs", dict(self.solver_kwargs))
+        if self.grid not in GRID_NAMES:
+            raise ValueError(f"unknown time grid {self.grid!r}; choose one of {list(GRID_NAMES)}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+            raise ValueError(f"sampling steps must be a positive integer, got {self.steps!r}")
+        g = self.guidance_scale
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g)):
+            raise ValueError(f"guidance_scale must be a finite number or None, got {g!r}")
+        self.make_solver()      # the solver's own options checked now, not at the first sample
+
+    def make_solver(self):
+        """The solver object (raises ValueError naming a bad option)."""
+        try:
+            return make_solver(self.solver, **self.solver_kwargs)
+        except TypeError as e:
+            raise ValueError(f"bad solver_kwargs {self.solver_kwargs} for solver {self.solver!r}: {e}") from None
+
+    @classmethod
+    def resolve(cls, defaults: Mapping[str, Any], *, solver: str | None = None,
+                solver_kwargs: Mapping | None = None, grid: str | None = None, steps: int | None = None,
+                guidance_scale: float | None = None) -> "SamplerSettings":
+        """``defaults`` (e.g. a config's ``sample`` section) with the given values in their place. The
+        defaults' ``solver_kwargs`` apply only to the defaults' solver (a different solver starts from none)."""
+        d = dict(defaults)
+        kwargs = solver_kwargs if solver_kwargs is not None else (
+            d.get("solver_kwargs", {}) if solver is None or solver == d.get("solver") else {})
+        return cls(solver=solver or d.get("solver", cls.solver), solver_kwargs=dict(kwargs),
+                   grid=grid or d.get("grid", cls.grid), steps=steps or d.get("steps", cls.steps),
+                   guidance_scale=guidance_scale if guidance_scale is not None else d.get("guidance_scale"))
+
+    def as_dict(self) -> dict:
+        """Plain dict (for JSON records)."""
+        return dataclasses.asdict(self)
+
+
+class Sampler:
+    """``Sampler(model, settings, mesh)(params, labels, key) -> (N, H, W, C)`` float32 images in about [-1, 1].
+
+    One jitted program (solver loop, guidance, latent decode); the batch is sharded over the mesh's data
+    and fsdp axes (None: default placement). ``params`` are passed per call, so a training loop reuses the
+    program while its parameters change; :func:`sample_images` uses ``model.params``.
+    """
+
+    def __init__(self, model: SamplingModel, settings: SamplerSettings | None = None, mesh: Mesh | None = None):
+        settings = settings if settings is not None else SamplerSettings.resolve(model.defaults)
+        if settings.guidance_scale is not None and not (model.num_classes and model.class_null):
+            raise ValueError("guidance_scale needs a class-conditional model trained with label dropout (a null "
+                             "class); this model has none: sample without guidance_scale")
+        self.model, self.settings, self.mesh = model, settings, mesh
+        self.solver = settings.make_solver()
+        self.grid = jnp.asarray(time_grid(model.process, settings.grid, settings.steps, settings.solver,
+                                          getattr(self.solver, "order", None)))
+        self.num_classes = model.num_classes
+        process, prediction, solver, grid = model.process, model.prediction, self.solver, self.grid
+        guidance, decode = settings.guidance_scale, model.decode
+        null = model.num_classes if model.class_null else None
+
+        def run(params, x_T, labels, key):
+            denoiser = make_denoiser(model.apply, params, process)
+            if model.num_classes is None:
+                cond = {}
+            elif guidance is None:
+                cond = dict(cond=labels)
+            else:
+                cond = dict(cond=labels, uncond=jnp.full_like(labels, null), guidance_scale=guidance)
+            x = sample(denoiser, process, x_T, grid, solver=solver, prediction=prediction, key=key, **cond)
+            return decode(x).astype(jnp.float32) if decode is not None else x
+
+        self._run = jax.jit(run)
+
+    def __call__(self, params: Any, labels: np.ndarray | None, key: jax.Array, num: int | None = None,
+                 offset: int = 0) -> np.ndarray:
+        """Draw ``len(labels)`` (or ``num``, unconditional) samples; deterministic in ``key``: the start
+        noise of sample ``offset + i`` is drawn from ``fold_in(split(key)[0], offset + i)``, so drawing in
+        chunks (pass the running ``offset``) gives the same samples as drawing at once (stochastic solvers'
+        step noise still depends on the batch). Returns numpy ``(N, H, W, C)`` float32."""
+        if self.num_classes is not None:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass labels (N,)")
+            labels = np.asarray(labels, np.int32)
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
+            n = len(labels)
+        else:
+            n = int(num if num is not None else len(labels))
+            labels = np.zeros((n,), np.int32)
+        # pad to a multiple of the batch shards; x_T of example i comes from fold_in(key, i), so it does
+        # not depend on the padding, the device count or how many samples are drawn at once
+        shards = 1
+        if self.mesh is not None:
+            shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
+        padded = -(-n // shards) * shards
+        k_start, k_solver = jax.random.split(key)
+        keys = jax.vmap(lambda i: jax.random.fold_in(k_start, i))(jnp.arange(padded) + offset)
+        shape = tuple(self.model.shape)
+        x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys) * self.model.process.prior_std
+        labels = jnp.asarray(np.concatenate([labels, np.zeros((padded - n,), np.int32)]))
+        if self.mesh is not None:
+            x_T = jax.device_put(x_T, batch_sharding(self.mesh, 4))
+            labels = jax.device_put(labels, batch_sharding(self.mesh, 1))
+            if not _is_on_mesh(params, self.mesh):
+                params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+        out = self._run(params, x_T, labels, k_solver)
+        return np.asarray(jax.device_get(out))[:n]
+
+
+def _is_on_mesh(tree, mesh) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh for x in leaves)
+
+
+def sample_chunks(sampler: Sampler, labels: np.ndarray | None, num: int, seed: int, batch: int,
+                  params: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, images (n, H, W, C) float32)`` for ``num`` samples in chunks of ``batch``, with
+    ``params`` (default: the sampler model's). Any chunking gives the same samples (see :class:`Sampler`)."""
+    if num < 1 or batch < 1:
+        raise ValueError(f"num and batch must be positive, got {num}, {batch}")
+    params = sampler.model.params if params is None else params
+    if params is None:
+        raise ValueError("the sampler's model has no parameters: pass params")
+    key = jax.random.key(seed)
+    for start in range(0, num, batch):
+        n = min(batch, num - start)
+        chunk_labels = None if labels is None else labels[start:start + n]
+        yield start, sampler(params, chunk_labels, key, num=n, offset=start)
+
+
+def sample_images(sampler: Sampler, labels: np.ndarray | None, num: int, seed: int, batch: int,
+                  params: Any = None) -> np.ndarray:
+    """``num`` samples ``(num, H, W, C)`` float32 drawn in chunks of ``batch`` (see :func:`sample_chunks`)."""
+    return np.concatenate([images for _, images in sample_chunks(sampler, labels, num, seed, batch, params)])
+
+
+def make_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:
+    """Class labels ``(num,)`` int32: ``"3,3,7"`` -> those, cycled to ``num``; None -> ``i % num_classes``;
+    None for an unconditional model (where giving labels is an error)."""
+    if num_classes is None:
+        if text:
+            raise ValueError("labels given but the model is unconditional")
+        return None
+    if not text:
+        return (np.arange(num) % num_classes).astype(np.int32)
+    try:
+        labels = np.asarray([int(v) for v in text.split(",") if v.strip()], np.int32)
+    except ValueError:
+        raise ValueError(f"labels must be comma-separated integers, got {text!r}") from None
+    if labels.size == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {text!r}")
+    return np.resize(labels, num)
