@@ -1,5 +1,6 @@
 """The layer order is a contract: `lint-imports` (import-linter, configured in .importlinter) passes on the
-tree, and fails on a copy of the package with a deliberate upward import hidden inside a function."""
+tree, and fails on a copy of the package with deliberate upward, Flax and cross-program imports hidden inside
+functions."""
 import os
 import shutil
 import subprocess
@@ -35,9 +36,12 @@ def test_upward_import_inside_a_function_fails(tmp_path):
         fh.write("\n\ndef _upward():\n    from jaxdiff import train_lib\n    return train_lib\n")
     with open(tmp_path / "jaxdiff" / "metrics" / "frechet.py", "a") as fh:
         fh.write("\n\ndef _flax():\n    from flax import nnx\n    return nnx\n")
+    with open(tmp_path / "jaxdiff" / "cli" / "sample.py", "a") as fh:
+        fh.write("\n\ndef _other_program():\n    from jaxdiff.cli import train\n    return train\n")
     code, out = lint(str(tmp_path))
     assert code != 0, out
     assert "jaxdiff layers (docs/ARCHITECTURE.md) BROKEN" in out, out
     assert "jaxdiff.noise is not allowed to import jaxdiff.train_lib" in out, out
     assert "No Flax in the pure layers (noise .. metrics, parallel) BROKEN" in out, out
     assert "jaxdiff.metrics.frechet -> flax" in out, out
+    assert "The CLI programs are independent BROKEN" in out, out
