@@ -1,0 +1,370 @@
+"""One training step of jaxdiff (jit) against diffusers/PyTorch (eager), same architecture, same weights.
+
+    python benchmarks/train_vs_pytorch.py                       # digits b64 + cifar10 b8 -> results/train_vs_pytorch.*
+    python benchmarks/train_vs_pytorch.py --models digits --repeats 20 --no-write
+    python benchmarks/train_vs_pytorch.py --conv-grad xla       # A/B the conv kernel-gradient switch
+    XLA_FLAGS="--xla_cpu_use_xnnpack=true" python benchmarks/train_vs_pytorch.py --no-write   # A/B an XLA flag
+
+For each model, a jaxdiff ``UNet`` is built from the training config (``configs/<name>.py``, dropout set to
+0 so both sides are deterministic) and a diffusers ``UNet2DModel`` from ``jaxdiff.convert.
+unet_config_to_diffusers`` of the same ``UNetConfig``; the jaxdiff weights are exported with
+``jaxdiff.convert.export_state_dict`` and loaded into the PyTorch model, so both start identical. One step
+is: forward on a fixed noisy batch (x, integer time steps, class labels), MSE against a fixed target,
+backward, Adam (lr 1e-4, betas (0.9, 0.999), eps 1e-8) -- ``jax.jit`` with donated parameters/optimizer
+state against PyTorch eager with ``torch.set_num_threads(2)``. The first-step losses of the two must
+agree (relative difference < 1e-4) or the run stops.
+
+Timing: ``--warmup`` steps of each, then ``--repeats`` rounds, each timing one jaxdiff step and one
+PyTorch step back to back (alternating which goes first), so that load from other processes on this
+shared machine hits both alike; the median per side and the ratio ``torch_ms / jax_ms`` (> 1: jaxdiff
+faster) are reported, with the jaxdiff compile time (lower + compile + first step). The load average is
+recorded before and after. ``--profile`` also writes the per-op time of the compiled jaxdiff step
+(``jax.profiler`` trace of a few steps, XLA:CPU thunk events summed by HLO op).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# variant name -> jaxdiff.nn.layers.set_conv_grad_impl value. "before": the kernel gradient of every conv as
+# tap matmuls (what jaxdiff did before issue 13); "after": the default ("auto").
+VARIANTS = {"before": "matmul", "after": "auto", "matmul": "matmul", "xla": "xla", "auto": "auto"}
+# (name, batch, default repeats)
+CASES = {"digits": (64, 20), "cifar10": (8, 6)}
+
+
+def _args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits,cifar10", help="comma-separated config names")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default per model)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument("--variants", default="before,after",
+                    help=f"comma-separated jaxdiff step variants timed side by side, of {sorted(VARIANTS)}")
+    ap.add_argument("--recommended-flags", action="store_true",
+                    help="apply jaxdiff.nn.cpu_flags.recommended_xla_flags() to XLA_FLAGS before jax starts")
+    ap.add_argument("--profile", action="store_true", help="per-op profile of the jaxdiff step")
+    ap.add_argument("--label", default="", help="free-text label stored with the run")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "train_vs_pytorch"))
+    ap.add_argument("--no-write", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _config(name: str):
+    from jaxdiff.train_lib import config as config_lib
+    c = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    c.model.dropout = 0.0
+    return c
+
+
+def unet_config(config):
+    """The ``UNetConfig`` a training config describes (as ``train.py`` builds it: a null class when labels
+    are dropped for guidance)."""
+    from jaxdiff.nn import UNetConfig
+    m = config.model
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in ("dtype", "remat")}
+    return UNetConfig(in_channels=config.data.channels, out_channels=config.data.channels,
+                      class_null=bool(m.num_classes) and config.train.label_dropout > 0, **fields)
+
+
+def build_pair(name: str, seed: int = 0):
+    """``(jax_model, torch_model, unet_config)`` with identical weights."""
+    import diffusers
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from jaxdiff.convert import export_state_dict, unet_config_to_diffusers
+    from jaxdiff.nn import UNet
+
+    ucfg = unet_config(_config(name))
+    jm = UNet(ucfg, rngs=nnx.Rngs(seed))
+    dcfg = {k: v for k, v in unet_config_to_diffusers(ucfg).items() if not k.startswith("_")}
+    tm = diffusers.UNet2DModel(**dcfg)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export_state_dict(jm).items()}
+    missing, unexpected = tm.load_state_dict(sd, strict=True), None
+    del missing, unexpected
+    return jm, tm, ucfg
+
+
+def make_batch(ucfg, batch: int, size: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.RandomState(seed)
+    x = rng.randn(batch, size, size, ucfg.in_channels).astype(np.float32)
+    target = rng.randn(batch, size, size, ucfg.out_channels).astype(np.float32)
+    t = rng.randint(0, 1000, batch).astype(np.int32)
+    labels = rng.randint(0, ucfg.num_classes, batch).astype(np.int32) if ucfg.num_classes else None
+    return x, t, labels, target
+
+
+def jax_step_fn(jm):
+    """``(step, params, opt_state)``: jitted ``step(params, opt_state, x, t, labels, target) -> (params,
+    opt_state, loss)`` with donated parameters and optimizer state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    graphdef, params = nnx.split(jm, nnx.Param)
+    tx = optax.adam(1e-4, b1=0.9, b2=0.999, eps=1e-8)
+    opt_state = tx.init(params)
+
+    def step(p, s, x, t, labels, target):
+        def loss_fn(p):
+            return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, t, labels=labels) - target))
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        upd, s = tx.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state
+
+
+def torch_step_fn(tm):
+    import torch
+    opt = torch.optim.Adam(tm.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    tm.train()
+
+    def step(x, t, labels, target):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(tm(x, t, class_labels=labels).sample, target)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def profile_ops(step, state, args, steps: int = 3, top: int = 25) -> dict:
+    """Per-HLO-op wall time (ms per step) of ``steps`` runs of the compiled jaxdiff step, from a
+    ``jax.profiler`` trace (XLA:CPU emits one event per thunk: fusions, convolutions, dots, copies)."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax._src.lib import _profile_data
+
+    d = tempfile.mkdtemp(prefix="jaxdiff_prof_")
+    with jax.profiler.trace(d):
+        for _ in range(steps):
+            state["p"], state["s"], loss = step(state["p"], state["s"], *args)
+            loss.block_until_ready()
+    path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+    pd = _profile_data.ProfileData.from_file(path)
+    tot: dict[str, float] = {}
+    for plane in pd.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                name = ev.name
+                if name.startswith(("Thunk", "ThunkExecutor")) or "PjRt" in name or "$" in name:
+                    continue
+                tot[name] = tot.get(name, 0.0) + ev.duration_ns / 1e6 / steps
+    step_ms = tot.pop(next((k for k in tot if k.startswith("PjitFunction")), ""), float("nan"))
+    kinds: dict[str, float] = {}
+    for k, v in tot.items():
+        kinds[op_kind(k)] = kinds.get(op_kind(k), 0.0) + v
+    return {"step_ms": step_ms, "ops_total_ms": sum(tot.values()),
+            "by_kind": sorted(({"kind": k, "ms_per_step": v} for k, v in kinds.items()), key=lambda r: -r["ms_per_step"]),
+            "top_ops": sorted(({"op": k, "ms_per_step": v} for k, v in tot.items()),
+                              key=lambda r: -r["ms_per_step"])[:top]}
+
+
+def op_kind(name: str) -> str:
+    """HLO op name without its numeric suffix (``ynn_fusion.265`` -> ``ynn_fusion``)."""
+    base = name.split(".")[0]
+    return base.rstrip("0123456789_") or base
+
+
+def run_model(name: str, batch: int, repeats: int, warmup: int, variants: list[str], profile: bool, log) -> dict:
+    """Time ``variants`` (conv kernel-gradient settings, see ``jaxdiff.nn.layers.set_conv_grad_impl``) of
+    the jaxdiff step and the PyTorch step, interleaved; one result per variant."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from jaxdiff.nn import layers
+    from jaxdiff.nn.unet import count_params
+
+    c = _config(name)
+    size = int(c.data.image_size)
+    jm, tm, ucfg = build_pair(name)
+    x, t, labels, target = make_batch(ucfg, batch, size)
+    jargs = (jnp.asarray(x), jnp.asarray(t), None if labels is None else jnp.asarray(labels), jnp.asarray(target))
+    targs = (torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t.astype(np.int64)),
+             None if labels is None else torch.from_numpy(labels.astype(np.int64)),
+             torch.from_numpy(target.transpose(0, 3, 1, 2).copy()))
+    tstep = torch_step_fn(tm)
+    tloss = float(tstep(*targs).detach())
+
+    before = layers.conv_grad_impl()
+    runners, info = {}, {}
+    for v in variants:
+        layers.set_conv_grad_impl(VARIANTS[v])
+        step, params, opt_state = jax_step_fn(jm)       # fresh copies of the initial weights per variant
+        params, opt_state = jax.tree.map(jnp.copy, (params, opt_state))
+        t0 = time.perf_counter()
+        compiled = step.lower(params, opt_state, *jargs).compile()
+        state = {"p": params, "s": opt_state}
+        state["p"], state["s"], jloss = compiled(state["p"], state["s"], *jargs)
+        jloss = float(jloss)
+        compile_s = time.perf_counter() - t0
+        rel = abs(jloss - tloss) / max(abs(tloss), 1e-12)
+        log(f"{name} [{v}]: first-step loss jaxdiff {jloss:.6f} torch {tloss:.6f} (rel diff {rel:.1e}); "
+            f"jax compile + first step {compile_s:.1f} s")
+        if rel > 1e-4:
+            raise SystemExit(f"{name}: first-step losses disagree ({jloss} vs {tloss}); not the same model")
+
+        def jrun(compiled=compiled, state=state):
+            state["p"], state["s"], loss = compiled(state["p"], state["s"], *jargs)
+            loss.block_until_ready()
+        runners[v] = jrun
+        info[v] = {"compile_s": compile_s, "loss": jloss, "rel": rel, "compiled": compiled, "state": state}
+    layers.set_conv_grad_impl(before)
+    runners["torch"] = lambda: tstep(*targs)
+
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
+    times = {k: [] for k in runners}
+    keys = list(runners)
+    for i in range(repeats):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:     # rotate who goes first
+            t0 = time.perf_counter()
+            runners[k]()
+            times[k].append(time.perf_counter() - t0)
+    tt = times["torch"]
+    mt = statistics.median(tt)
+    out = {"model": name, "batch": batch, "params": count_params(jm), "image": [size, size, ucfg.in_channels],
+           "repeats": repeats, "warmup": warmup, "torch_ms": 1e3 * mt, "torch_min_ms": 1e3 * min(tt),
+           "torch_runs_ms": [1e3 * v for v in tt], "first_loss_torch": tloss, "variants": []}
+    for v in variants:
+        tj = times[v]
+        mj = statistics.median(tj)
+        row = {"variant": v, "conv_grad_impl": VARIANTS[v], "jax_ms": 1e3 * mj, "ratio": mt / mj,
+               "jax_min_ms": 1e3 * min(tj), "ratio_min": min(tt) / min(tj), "jax_compile_s": info[v]["compile_s"],
+               "first_loss_jax": info[v]["loss"], "first_loss_rel_diff": info[v]["rel"],
+               "jax_runs_ms": [1e3 * x for x in tj]}
+        out["variants"].append(row)
+        log(f"{name} b={batch} [{v}]: jaxdiff {row['jax_ms']:.1f} ms  torch {out['torch_ms']:.1f} ms  ratio "
+            f"{row['ratio']:.2f} | min: jaxdiff {row['jax_min_ms']:.1f} torch {out['torch_min_ms']:.1f} ratio "
+            f"{row['ratio_min']:.2f}  (load {os.getloadavg()[0]:.1f})")
+    if profile:
+        for v in variants:
+            p = profile_ops(info[v]["compiled"], info[v]["state"], jargs)
+            next(r for r in out["variants"] if r["variant"] == v)["profile"] = p
+            log(f"   profile [{v}]: ops {p['ops_total_ms']:.1f} ms per step")
+            for r in p["by_kind"][:10]:
+                log(f"   {r['ms_per_step']:8.2f} ms  {r['kind']}")
+    return out
+
+
+def machine() -> dict:
+    import jax
+    m = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
+         "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            m["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        import diffusers
+        m["torch"], m["diffusers"] = torch.__version__, diffusers.__version__
+    except ImportError:
+        pass
+    return m
+
+
+def write_results(res: dict, out: str) -> None:
+    """``<out>.json`` (everything, per-run times included) and ``<out>.md`` (tables and notes)."""
+    with open(out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    m = res["machine"]
+    lines = ["# One training step: jaxdiff (jit) vs diffusers/PyTorch (eager), same architecture and weights", "",
+             f"Command: `{res['command']}`" + (f" with `XLA_FLAGS={res['xla_flags']}`" if res["xla_flags"] else "")
+             + f" ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(res['time']))}, {res['wall_s']:.0f} s).", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, shared with other engineers' jobs: load average "
+             f"{res['loadavg_start']} at the start, {res['loadavg_end']} at the end (1/5/15 min). jax {m['jax']} "
+             f"({res['jax_backend']}), torch {m.get('torch')} ({res['torch_threads']} threads), diffusers "
+             f"{m.get('diffusers')}, {m['platform']}.", "",
+             "One step = forward, MSE against a fixed target, backward, Adam (lr 1e-4) on a fixed batch, dropout 0; "
+             "both models start from the same weights (jaxdiff exported into diffusers' `UNet2DModel` with "
+             "`jaxdiff.convert`) and their first-step losses agree (column *loss rel. diff*). Each round times every "
+             "jaxdiff variant and the PyTorch step back to back, rotating who goes first; "
+             f"{res['rows'][0]['warmup'] if res['rows'] else 0} warm-up rounds. *ratio* = PyTorch ms / jaxdiff ms "
+             "(> 1: jaxdiff faster), from medians; *ratio (min)* from the fastest round of each, the better estimate "
+             "of an unloaded machine when the load is high.", "",
+             "Variants: *before* = every convolution's kernel gradient as tap matmuls (`conv_grad_impl=\"matmul\"`, "
+             "what jaxdiff did before issue 13); *after* = the default (`\"auto\"`: XLA's convolution gradient, "
+             "tap matmuls only for 1x1 convolutions on CPU).", "",
+             "| model | batch | params | rounds | variant | jaxdiff ms/step | PyTorch ms/step | ratio | jaxdiff min ms "
+             "| PyTorch min ms | ratio (min) | jax compile + 1st step (s) | loss rel. diff |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        for v in r["variants"]:
+            lines.append(f"| {r['model']} | {r['batch']} | {r['params']:,} | {r['repeats']} | {v['variant']} "
+                         f"({v['conv_grad_impl']}) | {v['jax_ms']:.1f} | {r['torch_ms']:.1f} | **{v['ratio']:.2f}** | "
+                         f"{v['jax_min_ms']:.1f} | {r['torch_min_ms']:.1f} | {v['ratio_min']:.2f} | "
+                         f"{v['jax_compile_s']:.1f} | {v['first_loss_rel_diff']:.1e} |")
+    for r in res["rows"]:
+        for v in r["variants"]:
+            p = v.get("profile")
+            if not p:
+                continue
+            lines += ["", f"### Profile: {r['model']} batch {r['batch']}, variant {v['variant']}", "",
+                      f"`jax.profiler` trace of 3 steps; XLA:CPU thunk time summed per op kind (ms per step, summed "
+                      f"over threads: {p['ops_total_ms']:.1f} ms in all).", "",
+                      "| op kind | ms/step |", "|---|---:|"]
+            lines += [f"| {k['kind']} | {k['ms_per_step']:.2f} |" for k in p["by_kind"][:12]]
+    if res.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+NOTES: list[str] = []
+
+
+def main(argv=None):
+    args = _args(argv)
+    if args.recommended_flags:
+        from jaxdiff.nn.cpu_flags import apply_recommended_xla_flags
+        apply_recommended_xla_flags()
+    import jax
+    import torch
+
+    torch.set_num_threads(args.threads)
+    res = {"command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + (argv or sys.argv[1:])),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "label": args.label, "machine": machine(),
+           "torch_threads": torch.get_num_threads(), "jax_backend": jax.default_backend(),
+           "loadavg_start": [round(v, 2) for v in os.getloadavg()], "rows": []}
+    t_start = res["time"] = time.time()
+    log = lambda s: print(s, flush=True)
+    log(f"load {res['loadavg_start']}  XLA_FLAGS={res['xla_flags']!r}")
+    for name in args.models.split(","):
+        batch, reps = CASES[name]
+        res["rows"].append(run_model(name, batch, args.repeats or reps, args.warmup, args.variants.split(","),
+                                     args.profile, log))
+    res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    res["wall_s"] = time.time() - t_start
+    log(f"load at end {res['loadavg_end']}; {res['wall_s']:.0f} s")
+    res["notes"] = NOTES
+    if not args.no_write:
+        write_results(res, args.out)
+        log(f"wrote {args.out}.md and .json")
+    return res
+
+
+if __name__ == "__main__":
+    main()
