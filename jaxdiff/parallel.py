@@ -71,6 +71,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if int(np.prod(sizes)) != n:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} = {int(np.prod(sizes))} devices, "
                          f"but {n} are available")
-    # Order devices by process then id so that each host's devices are contiguous.
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+    # jax.make_mesh orders the devices by the physical topology (TPU/GPU interconnect); fsdp, the inner
+    # axis, gets the closest devices. Auto axes: shardings come from jit in/out shardings, as everywhere here.
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types, devices=devices)

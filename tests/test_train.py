@@ -120,7 +120,7 @@ def test_unknown_config_keys_list_the_valid_ones(tmp_path, data_dir):
         config_lib.apply_overrides(c, ["--config.train.stepz=3"])
     with pytest.raises(ValueError, match=r"unknown config key 'optimizer'.*'optim'"):
         config_lib.apply_overrides(c, ["optimizer.lr=1"])
-    with pytest.raises(ValueError, match=r"bad value 'abc' for config key 'train.steps'"):
+    with pytest.raises(ValueError, match=r"config key 'train.steps' must be an int, got 'abc'"):
         config_lib.apply_overrides(c, ["train.steps=abc"])
     bad = tmp_path / "bad.py"
     bad.write_text("from jaxdiff.train_lib.config import default_config\n"

@@ -20,11 +20,26 @@ log = logging.getLogger("jaxdiff")
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test's capture, a redirected stream)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Timestamped ``jaxdiff.*`` log lines on stderr (once per process)."""
     root = logging.getLogger("jaxdiff")
     if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
         root.propagate = False

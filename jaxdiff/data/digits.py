@@ -78,7 +78,8 @@ def _make_builder_class():
     global _BUILDER_CLASS
     if _BUILDER_CLASS is not None:
         return _BUILDER_CLASS
-    import tensorflow_datasets as tfds
+    from jaxdiff.data.tf_setup import import_tfds
+    tfds = import_tfds()
 
     class Digits(tfds.core.GeneratorBasedBuilder):
         """sklearn digits as ``digits/16`` or ``digits/32``: image (r, r, 1) uint8, label in 0..9.

@@ -42,7 +42,8 @@ def _make_builder_class():
     global _BUILDER_CLASS
     if _BUILDER_CLASS is not None:
         return _BUILDER_CLASS
-    import tensorflow_datasets as tfds
+    from jaxdiff.data.tf_setup import import_tfds
+    tfds = import_tfds()
 
     class PhotoCrops(tfds.core.GeneratorBasedBuilder):
         """scikit-learn's two sample photos as 32x32x3 crops, ``photo_crops/32``; see the module docstring."""

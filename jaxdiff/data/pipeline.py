@@ -66,8 +66,11 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         from jaxdiff.data.photos import build_photo_crops
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
         build_photo_crops(data_dir)
-    elif data_dir is not None:
-        data_dir = os.path.expanduser(os.fspath(data_dir))
+    else:   # a dataset of its own may decode with TensorFlow: keep it off the accelerators
+        from jaxdiff.data.tf_setup import import_tensorflow
+        import_tensorflow()
+        if data_dir is not None:
+            data_dir = os.path.expanduser(os.fspath(data_dir))
     where = f"data_dir={data_dir!r}" if data_dir else "the default TFDS data_dir"
     how = (f"prepare it with `tfds build {name} "
            f"--data_dir={data_dir or '~/tensorflow_datasets'} --file_format=array_record`")

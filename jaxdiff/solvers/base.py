@@ -3,8 +3,9 @@
 A solver is a frozen dataclass (static under `jit`) with three methods:
 
   * `validate(steps)`: raise ValueError for a grid it cannot run (before anything is traced);
-  * `nfe(steps)`: the exact number of model evaluations on a grid of `steps` intervals;
-  * `run(model, sched, x, key)`: the whole trajectory, normally one `lax.scan` over its step function.
+  * `nfe(sched)`: the exact number of model evaluations on the schedule's grid;
+  * `run(model, sched, x, noise)`: the whole trajectory, normally one `lax.scan` over its step function;
+    `noise(i)` is the standard normal draw of step i (stochastic solvers only).
 
 `model(x, i)` evaluates the denoiser at grid point i and returns `Pred(x0, eps)`; `model.at(x, t)`
 evaluates at an arbitrary time (singlestep solvers' intermediate points). The schedule `Sched` holds the

@@ -40,7 +40,7 @@ class DDIM(SolverBase):
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         def target(i):
             if self.time_stride is None:
                 return sched.alpha[i + 1], sched.sigma[i + 1], sched.lam[i + 1]
@@ -56,7 +56,7 @@ class DDIM(SolverBase):
             x_new = ap * p.x0
             if self.stochastic:
                 s2 = self.eta ** 2 * sp ** 2 * -jnp.expm1(-2.0 * h)
-                x_new = x_new + jnp.sqrt(jnp.maximum(sp ** 2 - s2, 0.0)) * p.eps + jnp.sqrt(s2) * draw(i)
+                x_new = x_new + jnp.sqrt(jnp.maximum(sp ** 2 - s2, 0.0)) * p.eps + jnp.sqrt(s2) * noise(i)
             else:
                 x_new = x_new + sp * p.eps
             return x_new, None
@@ -76,7 +76,7 @@ class DDPM(SolverBase):
         if self.variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"unknown variance {self.variance!r}; choose 'fixed_small' or 'fixed_large'")
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         def step(x, i):
             p = model(x, i)
             h = sched.lam[i + 1] - sched.lam[i]
@@ -85,7 +85,7 @@ class DDPM(SolverBase):
             mean = ap * q * p.x0 + (sp / st) * jnp.exp(-h) * x
             var = (sp if self.variance == "fixed_small" else st) ** 2 * q
             var = jnp.where(sp > 0, var, 0.0)
-            return mean + jnp.sqrt(var) * draw(i), None
+            return mean + jnp.sqrt(var) * noise(i), None
 
         x, _ = lax.scan(step, x, jnp.arange(sched.steps))
         return x

@@ -133,7 +133,7 @@ class DPMSolverMultistep(SolverBase):
 
         return jax.vmap(one)(jnp.arange(n))
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         data = self.prediction == "data"
         a, b = self.weights(sched)
         b = b.astype(x.dtype)
@@ -152,7 +152,7 @@ class DPMSolverMultistep(SolverBase):
             if k_max > 1:
                 x_new = x_new + acc[0]
             if self.sde:
-                x_new = x_new + noise_scale[i].astype(x.dtype) * draw(i)
+                x_new = x_new + noise_scale[i].astype(x.dtype) * noise(i)
             acc = tuple(b_future[j][i] * m + (acc[j] if j < k_max - 1 else 0.0) for j in range(1, k_max))
             return (x_new, acc), None
 
@@ -232,7 +232,7 @@ class DPMSolverSinglestep(SolverBase):
         if sum(plan) != steps:
             raise ValueError(f"singlestep plan {plan} covers {sum(plan)} intervals but the grid has {steps}")
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         data = self.prediction == "data"
         midpoint = self.solver_type == "midpoint"
         plan = self.outer_plan(sched.steps)

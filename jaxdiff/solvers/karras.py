@@ -27,7 +27,7 @@ class Euler(SolverBase):
     """First-order Euler on the ODE in sigma_hat (identical to deterministic DDIM)."""
 
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         sh = _sig_hat(sched)
 
         def step(x, i):
@@ -60,7 +60,7 @@ class Heun(SolverBase):
     def nfe(self, sched: Sched):
         return sched.steps + jnp.sum(sched.sigma[1:] > 0)
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         sh = _sig_hat(sched)
         process = model.process
         gamma_max = min(self.s_churn / sched.steps, math.sqrt(2.0) - 1.0)
@@ -72,7 +72,7 @@ class Heun(SolverBase):
             if self.stochastic:
                 gamma = jnp.where((s_cur >= self.s_min) & (s_cur <= self.s_max), gamma_max, 0.0)
                 s_hat = s_cur * (1.0 + gamma)
-                xh = xh + jnp.sqrt(s_hat ** 2 - s_cur ** 2) * self.s_noise * draw(i)
+                xh = xh + jnp.sqrt(s_hat ** 2 - s_cur ** 2) * self.s_noise * noise(i)
                 t_hat = jnp.where(gamma > 0, process.t_from_logsnr(-2.0 * jnp.log(s_hat)), sched.t[i]).astype(x.dtype)
                 a_hat = jnp.where(gamma > 0, process.alpha(t_hat), sched.alpha[i]).astype(x.dtype)
                 s_hat = s_hat.astype(x.dtype)
@@ -108,7 +108,7 @@ class IPNDM(SolverBase):
         if self.max_order not in (1, 2, 3, 4):
             raise ValueError(f"iPNDM max_order must be 1..4, got {self.max_order!r}")
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         sh = _sig_hat(sched)
         k = self.max_order
         coef = jnp.asarray(_AB[:k, :k], x.dtype)

@@ -122,12 +122,12 @@ def _sample(denoiser, solver, prediction, threshold, denoise_to_zero, process, x
         fn = denoiser
     model = Model(fn, process, prediction, sched, dtype, threshold)
 
-    def draw(i):
+    def step_noise(i):
         if noise is not None:
             return noise[i].astype(dtype)
         return jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype)
 
-    x = solver.run(model, sched, x, draw)
+    x = solver.run(model, sched, x, step_noise)
     nfe = solver.nfe(sched)
     if denoise_to_zero:
         x = model(x, sched.steps).x0

@@ -138,7 +138,7 @@ class UniPC(SolverBase):
 
         return jax.vmap(one)(jnp.arange(n))
 
-    def run(self, model: Model, sched: Sched, x, draw):
+    def run(self, model: Model, sched: Sched, x, noise):
         data = self.prediction == "data"
         k_max = self.order
         cu, ca, cw, ct, pa, pw = (w.astype(x.dtype) for w in self.weights(sched))

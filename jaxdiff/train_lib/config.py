@@ -86,7 +86,7 @@ def default_config() -> ConfigDict:
         label_dropout=0.1,       # classifier-free guidance: share of labels replaced by the null class
         ema_decay=0.999,
         log_every=50,
-        sample_every=1000,       # PNG sample grid with the EMA model; 0 = never
+        sample_every=1000,       # a PNG sample grid (EMA model) every this many steps; 0 = never
         peak_tflops=None,        # per-device peak for MFU; None = from the device kind (when known)
     ))
     c.checkpoint = ConfigDict(dict(every=500, keep=3, async_save=True, verify=True))
@@ -151,6 +151,10 @@ def _leaves(cfg: ConfigDict, prefix: str = ""):
             yield prefix + key, value
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def _type_name(types) -> str:
     return " or ".join(t.__name__ for t in types)
 
@@ -170,7 +174,7 @@ def check_types(config: ConfigDict, schema: ConfigDict | None = None) -> None:
             if value is None:
                 if key in NULLABLE:
                     continue
-                raise ValueError(f"config key {key!r} must be a {type(ref).__name__}, got None")
+                raise ValueError(f"config key {key!r} must be {_a(type(ref).__name__)}, got None")
             types = (float, int) if isinstance(ref, float) else (type(ref),)
         if isinstance(value, bool) and bool not in types:
             ok = False
@@ -179,7 +183,7 @@ def check_types(config: ConfigDict, schema: ConfigDict | None = None) -> None:
         else:
             ok = isinstance(value, types)
         if not ok:
-            raise ValueError(f"config key {key!r} must be a {_type_name(types)}, got {value!r} "
+            raise ValueError(f"config key {key!r} must be {_a(_type_name(types))}, got {value!r} "
                              f"({type(value).__name__})")
 
 
@@ -339,8 +343,8 @@ def apply_overrides(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
         try:
             with node.unlocked() if free else _nullcontext():
                 node[leaf] = value
-        except TypeError as e:
-            raise ValueError(f"bad value {raw!r} for config key {dotted!r}: {e}") from None
+        except TypeError:
+            raise ValueError(f"config key {dotted!r} must be {_a(type(node[leaf]).__name__)}, got {raw!r}") from None
     return config
 
 

@@ -182,7 +182,7 @@ def train(config, workdir: str, devices=None) -> dict:
             # the checkpoint first: a failure while drawing samples must not cost this step
             if step % config.checkpoint.every == 0 or step == total:
                 save(step)
-            if config.train.sample_every and (step % config.train.sample_every == 0 or step == total):
+            if config.train.sample_every and step % config.train.sample_every == 0:
                 exp.write_samples(state, host_batch["image"], workdir, step)
             if preemption.reached(step):
                 if last_saved != step:
