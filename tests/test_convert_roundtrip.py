@@ -58,10 +58,13 @@ def test_unet_condition_roundtrip_state_dict_and_outputs(tmp_path):
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+    # outputs compared between two models loaded alike (from_pretrained): a freshly constructed diffusers
+    # model and the same weights loaded with from_pretrained differ by ~6e-7 in torch itself
+    original = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "a")).eval()
     x = torch.randn(1, 4, 8, 8)
     ctx = torch.randn(1, 3, 16)
     with torch.no_grad():
-        a = src(x, 10, ctx).sample
+        a = original(x, 10, ctx).sample
         b = back(x, 10, ctx).sample
     assert torch.equal(a, b)
 

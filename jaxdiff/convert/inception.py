@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxdiff.convert.keys import CheckpointMismatchError, expected_shape_torch, to_jax_layout
+from jaxdiff.convert.keys import copy_state_dict
 from jaxdiff.nn.inception import InceptionV3FID
 
 WEIGHTS_ENV = "JAXDIFF_INCEPTION_WEIGHTS"
@@ -97,24 +96,7 @@ def load_inception_state_dict(model: InceptionV3FID, sd: dict, *, what: str = "I
     head, absent from pytorch-fid's file) are reported as unexpected.
     """
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    table = inception_variable_table(model)
-    missing = sorted(k for k in table if k not in sd)
-    unexpected = sorted(k for k in sd if k not in table)
-    bad, staged = [], {}
-    for k, (path, var) in table.items():
-        if k not in sd:
-            continue
-        leaf = str(path[-1])
-        want = expected_shape_torch(leaf, tuple(var.get_value().shape))
-        arr = np.asarray(sd[k])
-        if tuple(arr.shape) != want:
-            bad.append((k, want, tuple(arr.shape)))
-            continue
-        staged[k] = to_jax_layout(leaf, arr, tuple(var.get_value().shape))
-    if missing or unexpected or bad:
-        raise CheckpointMismatchError(missing, unexpected, bad, what, matched=len(staged))
-    for k, (path, var) in table.items():
-        var.set_value(jnp.asarray(np.asarray(staged[k], dtype=var.get_value().dtype)))
+    copy_state_dict(inception_variable_table(model), sd, what)
 
 
 def load_inception_fid(path: str | os.PathLike | None = None, *, dtype=jnp.float32, precision=None

@@ -110,8 +110,14 @@ def load_state_dict(model: nnx.Module, sd: dict, *, what: str = "checkpoint") ->
     Raises :class:`CheckpointMismatchError` listing missing / unexpected keys and shape
     mismatches; nothing is written unless everything fits.
     """
-    sd = normalize_legacy_keys(sd)
-    table = param_table(model)
+    copy_state_dict(param_table(model), normalize_legacy_keys(sd), what)
+
+
+def copy_state_dict(table: dict, sd: dict, what: str) -> None:
+    """Copy the PyTorch-layout arrays of ``sd`` into the variables of ``table``
+    (``{key: (path, nnx.Variable)}``), each converted to the jaxdiff layout (a 1x1 conv kernel also
+    fills a linear layer, as diffusers' attention checkpoints store them). All keys and shapes are checked
+    first: :class:`CheckpointMismatchError` lists every problem and nothing is written unless all fit."""
     missing = sorted(k for k in table if k not in sd)
     unexpected = sorted(k for k in sd if k not in table)
     bad, staged = [], {}

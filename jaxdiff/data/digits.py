@@ -10,6 +10,8 @@ tests use it); the builder stores exactly these arrays.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 RESOLUTIONS = (8, 16, 32)
@@ -70,14 +72,11 @@ def load_digits_arrays(split: str = "train", resolution: int = 16) -> tuple[np.n
 
 TFDS_NAME = "digits"
 TFDS_RESOLUTIONS = (16, 32)
-_BUILDER_CLASS = None
 
 
+@functools.cache
 def _make_builder_class():
     """Define (once) and return the ``Digits`` TFDS builder class; registers ``digits`` with TFDS."""
-    global _BUILDER_CLASS
-    if _BUILDER_CLASS is not None:
-        return _BUILDER_CLASS
     from jaxdiff.data.tf_setup import import_tfds
     tfds = import_tfds()
 
@@ -129,7 +128,6 @@ def _make_builder_class():
             for i, (image, label) in enumerate(zip(images, labels)):
                 yield i, {"image": image, "label": int(label)}
 
-    _BUILDER_CLASS = Digits
     return Digits
 
 

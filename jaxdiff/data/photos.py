@@ -7,6 +7,8 @@ Each photo's rightmost 128 columns are held out: ``test`` holds the 13 x 4 non-o
 """
 from __future__ import annotations
 
+import functools
+
 import os
 
 import numpy as np
@@ -34,14 +36,9 @@ def load_photo_crops(split: str = "train") -> np.ndarray:
     return np.stack(crops).astype(np.uint8)
 
 
-_BUILDER_CLASS = None
-
-
+@functools.cache
 def _make_builder_class():
     """Define (once) and return the ``PhotoCrops`` TFDS builder class (registers ``photo_crops``)."""
-    global _BUILDER_CLASS
-    if _BUILDER_CLASS is not None:
-        return _BUILDER_CLASS
     from jaxdiff.data.tf_setup import import_tfds
     tfds = import_tfds()
 
@@ -75,7 +72,6 @@ def _make_builder_class():
             for i, image in enumerate(load_photo_crops(split)):
                 yield i, {"image": image}
 
-    _BUILDER_CLASS = PhotoCrops
     return PhotoCrops
 
 
