@@ -1,6 +1,8 @@
 """Solvers on the exact Gaussian-mixture denoiser: convergence orders, compilation, sharding, errors."""
 import functools
 
+import chex
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +161,21 @@ def test_final_step_to_zero_is_finite_and_exact(solver):
     ref = _smooth_mixture().reference_ode_solution(PROCESS, X_T, grid[0], PROCESS.t_zero)
     if not solver.stochastic:
         assert float(jnp.sqrt(jnp.mean((x - ref) ** 2))) < 0.5
+
+
+class SampleUnderOuterTransformsTest(chex.TestCase):
+    """``sample`` called eagerly, inside a user's ``jit`` and with its input committed to a device: the
+    same trajectory (the solver's own compiled program does not care what wraps it)."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True)
+    def test_same_samples_under_jit_eager_and_device_placement(self):
+        mix = _smooth_mixture()
+        grid = make_grid("uniform_logsnr", PROCESS, 8)
+        ref = sample(mix.denoiser(PROCESS, "eps"), PROCESS, X_T, grid, solver=UniPC(3))
+        got = self.variant(lambda x: sample(mix.denoiser(PROCESS, "eps"), PROCESS, x, grid, solver=UniPC(3)))(X_T)
+        chex.assert_shape(got, X_T.shape)
+        chex.assert_tree_all_finite(got)
+        chex.assert_trees_all_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v", "score", "flow"])

@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from jaxdiff.sampling import Sampler, make_labels, sample_images
+    from tqdm import tqdm
+
+    from jaxdiff.sampling import Sampler, make_labels, sample_chunks
     from jaxdiff.train_lib.images import save_grid
     if args.num < 1 or args.batch < 1:
         raise ValueError(f"--num and --batch must be positive, got {args.num}, {args.batch}")
@@ -55,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--eval digits needs a class-conditional 16x16 or 32x32 grey model")
     sampler = Sampler(model, settings, mesh)
     t0 = time.perf_counter()
-    images = sample_images(sampler, labels, args.num, args.seed, args.batch)
+    chunks = []
+    with tqdm(total=args.num, desc="sample", unit="img", disable=not sys.stderr.isatty()) as bar:
+        for _, chunk in sample_chunks(sampler, labels, args.num, args.seed, args.batch):
+            chunks.append(chunk)
+            bar.update(len(chunk))
+    images = np.concatenate(chunks)
     seconds = time.perf_counter() - t0
     s = settings
     out = args.out or os.path.join(model.source, f"sample_{s.solver}_{s.grid}_{s.steps}"
