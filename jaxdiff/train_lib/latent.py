@@ -10,7 +10,6 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from jaxdiff.parallel import make_mesh
 from jaxdiff.train_lib.ae_experiment import SCALE_FILE, build_autoencoder_experiment
@@ -99,9 +98,3 @@ def check_latent_config(config, ae: FrozenAutoencoder) -> None:
         raise ValueError(f"latent shape {want} (latent.size, latent.channels) does not match the autoencoder in "
                          f"{ae.workdir}: it maps {config.data.image_size}x{config.data.image_size} images to "
                          f"{ae.shape} latents")
-
-
-def apply_to_images(fn: Callable, batch: dict) -> dict:
-    """``batch`` with ``"image"`` replaced by ``fn(image)`` (a jit-friendly helper)."""
-    return {**batch, "image": fn(jnp.asarray(batch["image"]))}
-
