@@ -34,12 +34,16 @@ class SamplingModel:
     """A trained network as sampling sees it.
 
     Attributes:
-      apply: ``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None) -> (B,H,W,C)`` prediction.
+      apply: ``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None) -> (B,H,W,C)`` prediction;
+        for a context-conditioned model the fourth argument is the context ``(B, S, D)``.
       params: the parameters ``apply`` takes (None for a model whose parameters are passed per call).
       process: the noise process it was trained with; ``prediction``: what it predicts (``PREDICTIONS``).
       shape: ``(H, W, C)`` the network sees (the latents of latent diffusion).
       num_classes: classes of a class-conditional model (None: unconditional); ``class_null``: whether
         class ``num_classes`` is the null class of classifier-free guidance.
+      context_shape: ``(S, D)`` of the context (encoder hidden states, e.g. prompt embeddings) a
+        cross-attention network is conditioned on; None: not context-conditioned. Guidance then takes an
+        unconditional (negative) context per sample.
       decode: latent diffusion: ``decode(z (B,h,w,c)) -> images (B,H,W,C)``, run in the same program.
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
@@ -54,6 +58,7 @@ class SamplingModel:
     num_classes: int | None = None
     class_null: bool = False
     decode: Callable[[jax.Array], jax.Array] | None = None
+    context_shape: tuple[int, int] | None = None
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
@@ -63,6 +68,11 @@ class SamplingModel:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if len(self.shape) != 3:
             raise ValueError(f"shape must be (H, W, C), got {self.shape!r}")
+        if self.context_shape is not None:
+            if len(self.context_shape) != 2:
+                raise ValueError(f"context_shape must be (S, D), got {self.context_shape!r}")
+            if self.num_classes:
+                raise ValueError("a model is conditioned on classes or on a context, not both")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -121,7 +131,9 @@ class SamplerSettings:
         g = self.guidance_scale
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g)):
             raise ValueError(f"guidance_scale must be a finite number or None, got {g!r}")
-        self.make_solver()      # the solver's own options checked now, not at the first sample
+        if self.grid == "optimized" and self.solver not in OPTIMIZED_SOLVERS:
+            raise ValueError(f"grid 'optimized' exists for solvers {OPTIMIZED_SOLVERS}, not {self.solver!r}")
+        self.make_solver().validate(int(self.steps))   # the solver's own options and step count, checked now
 
     def make_solver(self):
         """The solver object (raises ValueError naming a bad option)."""
@@ -154,28 +166,42 @@ class Sampler:
     One jitted program (solver loop, guidance, latent decode); the batch is sharded over the mesh's data
     and fsdp axes (None: default placement). ``params`` are passed per call, so a training loop reuses the
     program while its parameters change; :func:`sample_images` uses ``model.params``.
+
+    ``grid``: explicit ``(steps+1,)`` decreasing process times in place of ``settings.grid`` (e.g. a diffusers
+    scheduler's timesteps); ``settings.steps`` is then ignored. A context-conditioned model
+    (``model.context_shape``) is called with ``context=`` (and ``negative_context=`` under guidance).
     """
 
-    def __init__(self, model: SamplingModel, settings: SamplerSettings | None = None, mesh: Mesh | None = None):
+    def __init__(self, model: SamplingModel, settings: SamplerSettings | None = None, mesh: Mesh | None = None,
+                 *, grid: Any = None):
         settings = settings if settings is not None else SamplerSettings.resolve(model.defaults)
-        if settings.guidance_scale is not None and not (model.num_classes and model.class_null):
+        has_context = model.context_shape is not None
+        if settings.guidance_scale is not None and not (model.num_classes and model.class_null) and not has_context:
             raise ValueError("guidance_scale needs a class-conditional model trained with label dropout (a null "
                              "class); this model has none: sample without guidance_scale")
         self.model, self.settings, self.mesh = model, settings, mesh
         self.solver = settings.make_solver()
-        self.grid = jnp.asarray(time_grid(model.process, settings.grid, settings.steps, settings.solver,
-                                          getattr(self.solver, "order", None)))
+        if grid is None:
+            grid = time_grid(model.process, settings.grid, settings.steps, settings.solver,
+                             getattr(self.solver, "order", None))
+        else:
+            grid = np.asarray(grid, np.float64)
+            if grid.ndim != 1 or grid.shape[0] < 2 or not np.all(np.diff(grid) < 0):
+                raise ValueError(f"grid must be a strictly decreasing 1-D array of at least 2 times, got {grid!r}")
+        self.grid = jnp.asarray(grid)
         self.num_classes = model.num_classes
         process, prediction, solver, grid = model.process, model.prediction, self.solver, self.grid
         guidance, decode = settings.guidance_scale, model.decode
         null = model.num_classes if model.class_null else None
 
-        def run(params, x_T, labels, key):
+        def run(params, x_T, labels, uncond, key):
             denoiser = make_denoiser(model.apply, params, process)
-            if model.num_classes is None:
+            if model.num_classes is None and not has_context:
                 cond = {}
             elif guidance is None:
                 cond = dict(cond=labels)
+            elif has_context:
+                cond = dict(cond=labels, uncond=uncond, guidance_scale=guidance)
             else:
                 cond = dict(cond=labels, uncond=jnp.full_like(labels, null), guidance_scale=guidance)
             x = sample(denoiser, process, x_T, grid, solver=solver, prediction=prediction, key=key, **cond)
@@ -183,13 +209,44 @@ class Sampler:
 
         self._run = jax.jit(run)
 
+    def _contexts(self, context, negative_context):
+        """``(context (N, S, D), negative (N, S, D) | None)`` float32, checked against the model."""
+        s, d = self.model.context_shape
+        if context is None:
+            raise ValueError(f"this model is conditioned on a context: pass context (N, {s}, {d})")
+        context = np.asarray(context, np.float32)
+        if context.ndim != 3 or context.shape[1:] != (s, d):
+            raise ValueError(f"context must have shape (N, {s}, {d}), got {context.shape}")
+        if self.settings.guidance_scale is None:
+            if negative_context is not None:
+                raise ValueError("negative_context is the unconditional branch of guidance: set guidance_scale")
+            return context, None
+        if negative_context is None:
+            raise ValueError("guidance_scale needs negative_context (N, S, D) (e.g. the empty prompt's embedding)")
+        neg = np.asarray(negative_context, np.float32)
+        if neg.ndim == 2:
+            neg = neg[None]
+        if neg.ndim != 3 or neg.shape[1:] != (s, d) or neg.shape[0] not in (1, len(context)):
+            raise ValueError(f"negative_context must have shape ({len(context)} or 1, {s}, {d}), got {neg.shape}")
+        return context, np.broadcast_to(neg, context.shape)
+
     def __call__(self, params: Any, labels: np.ndarray | None, key: jax.Array, num: int | None = None,
-                 offset: int = 0) -> np.ndarray:
-        """Draw ``len(labels)`` (or ``num``, unconditional) samples; deterministic in ``key``: the start
-        noise of sample ``offset + i`` is drawn from ``fold_in(split(key)[0], offset + i)``, so drawing in
-        chunks (pass the running ``offset``) gives the same samples as drawing at once (stochastic solvers'
-        step noise still depends on the batch). Returns numpy ``(N, H, W, C)`` float32."""
-        if self.num_classes is not None:
+                 offset: int = 0, *, context: Any = None, negative_context: Any = None,
+                 x_T: Any = None) -> np.ndarray:
+        """Draw ``len(labels)`` (``len(context)``, or ``num``, unconditional) samples; deterministic in ``key``:
+        the start noise of sample ``offset + i`` is drawn from ``fold_in(split(key)[0], offset + i)``, so
+        drawing in chunks (pass the running ``offset``) gives the same samples as drawing at once (stochastic
+        solvers' step noise still depends on the batch). ``x_T`` ``(N, *model.shape)``: given start noise
+        instead (already scaled by the prior's std). Returns numpy ``(N, H, W, C)`` float32."""
+        uncond = None
+        if self.model.context_shape is not None:
+            if labels is not None:
+                raise ValueError("this model is conditioned on a context, not on labels: pass context=")
+            labels, uncond = self._contexts(context, negative_context)
+            n = len(labels)
+        elif context is not None or negative_context is not None:
+            raise ValueError("context given but the model is not context-conditioned (context_shape is None)")
+        elif self.num_classes is not None:
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels (N,)")
             labels = np.asarray(labels, np.int32)
@@ -206,17 +263,32 @@ class Sampler:
             shards = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape]))
         padded = -(-n // shards) * shards
         k_start, k_solver = jax.random.split(key)
-        keys = jax.vmap(lambda i: jax.random.fold_in(k_start, i))(jnp.arange(padded) + offset)
         shape = tuple(self.model.shape)
-        x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys) * self.model.process.prior_std
-        labels = jnp.asarray(np.concatenate([labels, np.zeros((padded - n,), np.int32)]))
+        if x_T is None:
+            keys = jax.vmap(lambda i: jax.random.fold_in(k_start, i))(jnp.arange(padded) + offset)
+            x_T = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys) * self.model.process.prior_std
+        else:
+            x_T = np.asarray(x_T, np.float32)
+            if x_T.shape != (n,) + shape:
+                raise ValueError(f"x_T must have shape {(n,) + shape}, got {x_T.shape}")
+            x_T = jnp.asarray(_pad(x_T, padded))
+        labels = jnp.asarray(_pad(labels, padded))
+        uncond = None if uncond is None else jnp.asarray(_pad(uncond, padded))
         if self.mesh is not None:
             x_T = jax.device_put(x_T, batch_sharding(self.mesh, 4))
-            labels = jax.device_put(labels, batch_sharding(self.mesh, 1))
+            labels = jax.device_put(labels, batch_sharding(self.mesh, labels.ndim))
+            if uncond is not None:
+                uncond = jax.device_put(uncond, batch_sharding(self.mesh, uncond.ndim))
             if not _is_on_mesh(params, self.mesh):
                 params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        out = self._run(params, x_T, labels, k_solver)
+        out = self._run(params, x_T, labels, uncond, k_solver)
         return np.asarray(jax.device_get(out))[:n]
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``n`` rows."""
+    a = np.asarray(a)
+    return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)]) if n > len(a) else a
 
 
 def _is_on_mesh(tree, mesh) -> bool:
@@ -225,9 +297,12 @@ def _is_on_mesh(tree, mesh) -> bool:
 
 
 def sample_chunks(sampler: Sampler, labels: np.ndarray | None, num: int, seed: int, batch: int,
-                  params: Any = None) -> Iterator[tuple[int, np.ndarray]]:
+                  params: Any = None, *, context: Any = None,
+                  negative_context: Any = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, images (n, H, W, C) float32)`` for ``num`` samples in chunks of ``batch``, with
-    ``params`` (default: the sampler model's). Any chunking gives the same samples (see :class:`Sampler`)."""
+    ``params`` (default: the sampler model's). Any chunking gives the same samples (see :class:`Sampler`).
+    Context-conditioned models: ``context (num, S, D)`` and, under guidance, ``negative_context`` (``(num, S, D)``
+    or one ``(S, D)`` for all)."""
     if num < 1 or batch < 1:
         raise ValueError(f"num and batch must be positive, got {num}, {batch}")
     params = sampler.model.params if params is None else params
@@ -237,13 +312,21 @@ def sample_chunks(sampler: Sampler, labels: np.ndarray | None, num: int, seed: i
     for start in range(0, num, batch):
         n = min(batch, num - start)
         chunk_labels = None if labels is None else labels[start:start + n]
-        yield start, sampler(params, chunk_labels, key, num=n, offset=start)
+        kw = {}
+        if context is not None:
+            neg = negative_context
+            if neg is not None and np.ndim(neg) == 3 and np.shape(neg)[0] != 1:
+                neg = neg[start:start + n]
+            kw = dict(context=context[start:start + n], negative_context=neg)
+        yield start, sampler(params, chunk_labels, key, num=n, offset=start, **kw)
 
 
 def sample_images(sampler: Sampler, labels: np.ndarray | None, num: int, seed: int, batch: int,
-                  params: Any = None) -> np.ndarray:
-    """``num`` samples ``(num, H, W, C)`` float32 drawn in chunks of ``batch`` (see :func:`sample_chunks`)."""
-    return np.concatenate([images for _, images in sample_chunks(sampler, labels, num, seed, batch, params)])
+                  params: Any = None, **context) -> np.ndarray:
+    """``num`` samples ``(num, H, W, C)`` float32 drawn in chunks of ``batch`` (see :func:`sample_chunks`;
+    ``context=`` / ``negative_context=`` for context-conditioned models)."""
+    return np.concatenate([images for _, images in sample_chunks(sampler, labels, num, seed, batch, params,
+                                                                 **context)])
 
 
 def make_labels(text: str | None, num: int, num_classes: int | None) -> np.ndarray | None:

@@ -17,13 +17,18 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def make_apply(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Array]:
+def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "labels") -> Callable[..., jax.Array]:
     """``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None, dropout_key=None) -> (B,H,W,C)``, pure.
+
+    ``condition="context"``: the fourth argument is the cross-attention context ``(B, S, D)`` instead
+    (``model(x, model_time, context)``, text-conditioned UNets).
 
     With a ``dropout_key`` the network runs in training mode (dropout masks drawn from that key); without
     one, in evaluation mode (dropout off). ``rest`` (dropout RNG state, if any) is kept as plain arrays
     and merged afresh inside each trace, so nothing is mutated across ``jit`` boundaries.
     """
+    if condition not in ("labels", "context"):
+        raise ValueError(f"condition must be 'labels' or 'context', got {condition!r}")
     rest_values = nnx.to_pure_dict(rest)
     has_rngs = bool(jax.tree.leaves(rest_values))
 
@@ -33,5 +38,7 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Arr
             nnx.reseed(model, default=dropout_key)
         else:
             model.eval()
+        if condition == "context":
+            return model(x, model_time, labels)
         return model(x, model_time, labels=labels)
     return apply
