@@ -45,6 +45,16 @@ def test_bad_config_values_fail_before_the_first_step(tmp_path, data_dir, capsys
     assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
 
 
+def test_guidance_without_label_dropout_fails_before_the_first_step(tmp_path, data_dir, capsys):
+    cfg = write_config(tmp_path / "c.py", data_dir)
+    work = tmp_path / "w"
+    assert train_cli.main(["--config", cfg, "--workdir", str(work), "--config.train.label_dropout=0.0",
+                           "--config.sample.guidance_scale=2.0"]) == 2
+    err = capsys.readouterr().err
+    assert "'sample.guidance_scale' needs a model trained with label dropout" in err, err
+    assert not (work / "checkpoints").exists()
+
+
 def test_shipped_configs_load_by_name_and_unknown_names_list_them():
     assert config_lib.load_config("digits").data.name == "digits/16"
     assert {"digits", "cifar10", "ae_digits", "ldm_digits"} <= set(config_lib.shipped_configs())

@@ -77,8 +77,7 @@ TFDS_RESOLUTIONS = (16, 32)
 @functools.cache
 def _make_builder_class():
     """Define (once) and return the ``Digits`` TFDS builder class; registers ``digits`` with TFDS."""
-    from jaxdiff.data.tf_setup import import_tfds
-    tfds = import_tfds()
+    import tensorflow_datasets as tfds     # TensorFlow itself only when building (see below)
 
     class Digits(tfds.core.GeneratorBasedBuilder):
         """sklearn digits as ``digits/16`` or ``digits/32``: image (r, r, 1) uint8, label in 0..9.
@@ -150,5 +149,7 @@ def build_digits(data_dir, resolution: int = 16):
     data_dir = os.path.expanduser(os.fspath(data_dir))
     builder = _make_builder_class()(data_dir=data_dir, config=str(resolution))
     if not builder.is_prepared():
+        from jaxdiff.data.tf_setup import import_tensorflow
+        import_tensorflow()      # encoding needs TensorFlow: keep it off the accelerators
         builder.download_and_prepare(file_format="array_record")
     return builder

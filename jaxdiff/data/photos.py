@@ -39,8 +39,7 @@ def load_photo_crops(split: str = "train") -> np.ndarray:
 @functools.cache
 def _make_builder_class():
     """Define (once) and return the ``PhotoCrops`` TFDS builder class (registers ``photo_crops``)."""
-    from jaxdiff.data.tf_setup import import_tfds
-    tfds = import_tfds()
+    import tensorflow_datasets as tfds     # TensorFlow itself only when building (see below)
 
     class PhotoCrops(tfds.core.GeneratorBasedBuilder):
         """scikit-learn's two sample photos as 32x32x3 crops, ``photo_crops/32``; see the module docstring."""
@@ -82,5 +81,7 @@ def build_photo_crops(data_dir, resolution: int = CROP):
     data_dir = os.path.expanduser(os.fspath(data_dir))
     builder = _make_builder_class()(data_dir=data_dir, config=str(CROP))
     if not builder.is_prepared():
+        from jaxdiff.data.tf_setup import import_tensorflow
+        import_tensorflow()      # encoding needs TensorFlow: keep it off the accelerators
         builder.download_and_prepare(file_format="array_record")
     return builder

@@ -147,7 +147,10 @@ def build_diffusion_experiment(config, mesh: Mesh) -> DiffusionExperiment:
                               apply=make_apply(graphdef, rest), optimizer=optimizer, schedule=schedule,
                               init_params=params, abstract_state=abstract, state_shardings=shardings,
                               num_params=n, autoencoder=autoencoder)
-    # the sampling settings are checked now (a bad solver, grid or guidance fails before the first step)
+    # the sampling settings are checked now (a bad solver, option, grid or step count fails before the first
+    # training step); the sampler itself is built at the first sample grid
     exp.sample_settings = SamplerSettings.resolve(config.sample)
-    Sampler(exp.sampling_model(), exp.sample_settings, mesh)
+    if exp.sample_settings.guidance_scale is not None and not exp.unet.class_null:
+        raise ValueError("config key 'sample.guidance_scale' needs a model trained with label dropout (a null "
+                         "class): set train.label_dropout > 0 or sample.guidance_scale=None")
     return exp
