@@ -60,10 +60,12 @@ def compilation_cache_dir() -> str | None:
 
 
 def start(level: int = logging.INFO) -> None:
-    """Process start-up for a CLI: logging, the persistent compilation cache (unless the environment
+    """Process start-up for a CLI: logging, the recommended XLA:CPU flags, the persistent compilation cache (unless the environment
     already names one: ``JAX_COMPILATION_CACHE_DIR``), then ``jax.distributed`` when the environment
     describes several processes. Must run before anything touches a JAX backend."""
     setup_logging(level)
+    from jaxdiff.nn.cpu_flags import apply_recommended_xla_flags
+    apply_recommended_xla_flags()        # XLA:CPU flags measured to help (none today), before the backend starts
     import jax
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         folder = compilation_cache_dir()
