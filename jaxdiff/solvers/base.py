@@ -101,6 +101,16 @@ def final_to_zero(sched: Sched, x: Array, x0: Array) -> Array:
     return jnp.where(sched.sigma[-1] == 0, sched.alpha[-1] * x0, x)
 
 
+def finite_tail(sched: Sched) -> Sched:
+    """The schedule with a final lambda = +inf (a grid ending at sigma = 0) replaced by lambda_{N-1} + 1.
+
+    For the step weights of multistep solvers: the final step to sigma = 0 is special-cased from alpha and
+    sigma alone, and the regular branch it replaces must stay finite, or its gradient with respect to the
+    grid (learned grids, `solvers.learned_grid`) is NaN even where its value is discarded."""
+    lam_n = jnp.where(sched.sigma[-1] == 0, sched.lam[-2] + 1.0, sched.lam[-1])
+    return sched._replace(lam=sched.lam.at[-1].set(lam_n))
+
+
 def lam_at(sched: Sched, i: Array) -> Array:
     """lambda at grid index i, clamped into range (history entries before the start are never used)."""
     return sched.lam[jnp.clip(i, 0, sched.steps)]

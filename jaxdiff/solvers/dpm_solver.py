@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, SolverBase, Sched, final_to_zero, lam_at
+from jaxdiff.solvers.base import Model, SolverBase, Sched, final_to_zero, finite_tail, lam_at
 from jaxdiff.timesteps.grids import LOWER_FINAL_BELOW, order_schedule
 
 SOLVER_TYPES = ("midpoint", "taylor")
@@ -107,11 +107,14 @@ class DPMSolverMultistep(SolverBase):
         orders = jnp.asarray(self.orders(sched.steps))
         n = sched.steps
         k2 = 1.0 if self.legacy_3m else 2.0           # legacy: D2 ~ h^2 m''/2 weighted as h^2 m''
+        sched_f = finite_tail(sched)    # finite unused branches: finite gradients w.r.t. the grid
 
         def one(i):
-            ratio, c_t, hh, h = _coeffs(sched, i, i + 1, data, self.sde)
-            r0 = (lam_at(sched, i) - lam_at(sched, i - 1)) / h
-            r1 = (lam_at(sched, i - 1) - lam_at(sched, i - 2)) / h
+            ratio, c_t, hh, h = _coeffs(sched_f, i, i + 1, data, self.sde)
+            # r0 (r1) exist from step 1 (2) on; before, the branches using them are never selected, and a
+            # dummy 1 keeps them (and their gradients) finite
+            r0 = jnp.where(i >= 1, (lam_at(sched, i) - lam_at(sched, i - 1)) / h, 1.0)
+            r1 = jnp.where(i >= 2, (lam_at(sched, i - 1) - lam_at(sched, i - 2)) / h, 1.0)
             e = jnp.expm1(hh)
             g1 = e / hh - 1.0
             g2 = g1 / hh - 0.5

@@ -17,6 +17,7 @@ from jaxdiff.noise import NoiseProcess
 from jaxdiff.predictions import check_kind, classifier_free_guidance
 from jaxdiff.solvers.base import Model, Threshold, make_sched
 from jaxdiff.solvers.ddim import DDIM, DDPM
+from jaxdiff.solvers.deis import DEIS
 from jaxdiff.solvers.dpm_solver import DPMSolverMultistep, DPMSolverSinglestep
 from jaxdiff.solvers.karras import IPNDM, Euler, Heun
 from jaxdiff.solvers.unipc import UniPC
@@ -36,6 +37,7 @@ SOLVERS: dict[str, Callable[..., Any]] = {
     "dpm_solver_singlestep": functools.partial(DPMSolverSinglestep, prediction="noise"),
     "dpm_solver++_singlestep": functools.partial(DPMSolverSinglestep, prediction="data"),
     "unipc": UniPC,
+    "deis": DEIS,
 }
 
 

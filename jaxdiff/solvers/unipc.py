@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdiff.solvers.base import Model, SolverBase, Sched, lam_at
+from jaxdiff.solvers.base import Model, SolverBase, Sched, finite_tail, lam_at
 from jaxdiff.timesteps.grids import order_schedule
 
 VARIANTS = ("bh1", "bh2")
@@ -91,8 +91,11 @@ class UniPC(SolverBase):
         correct = jnp.asarray([self.corrector and i > 0 and (i - 1) not in self.disable_corrector
                                for i in range(n)])
 
+        sched_f = finite_tail(sched)    # finite unused branches: finite gradients w.r.t. the grid
+
         def frame(s):
-            h = sched.lam[s + 1] - sched.lam[s]
+            s = jnp.maximum(s, 0)           # s = -1 (no corrector before the first step): any finite value
+            h = sched_f.lam[s + 1] - sched_f.lam[s]
             if data:
                 return sched.sigma[s + 1] / sched.sigma[s], sched.alpha[s + 1], -h, h
             return sched.alpha[s + 1] / sched.alpha[s], sched.sigma[s + 1], h, h
@@ -101,7 +104,10 @@ class UniPC(SolverBase):
             """(ratio, w over [m_s, m_{s-1}, ..] (k_max,), w_t) of UniP-p or UniC-p from s to s+1."""
             ratio, c_t, hh, h = frame(s)
             big_b, b = _b_vector(hh, p, self.variant)
-            rks = jnp.stack([(lam_at(sched, s - k) - sched.lam[s]) / h for k in range(1, p)] + [jnp.ones_like(h)])
+            # r_k of history before the first step are never used (warm-up orders); distinct dummies -k keep
+            # the unused solves (and their gradients) finite
+            rks = jnp.stack([jnp.where(s - k >= 0, (lam_at(sched, s - k) - sched_f.lam[jnp.maximum(s, 0)]) / h,
+                                       -float(k)) for k in range(1, p)] + [jnp.ones_like(h)])
             if corrector:
                 rho = jnp.full((1,), 0.5, b.dtype) if p == 1 else _rho(rks, b, p)
             else:
