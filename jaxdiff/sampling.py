@@ -44,7 +44,9 @@ class SamplingModel:
       context_shape: ``(S, D)`` of the context (encoder hidden states, e.g. prompt embeddings) a
         cross-attention network is conditioned on; None: not context-conditioned. Guidance then takes an
         unconditional (negative) context per sample.
-      decode: latent diffusion: ``decode(z (B,h,w,c)) -> images (B,H,W,C)``, run in the same program.
+      decode: latent diffusion: ``decode(z (B,h,w,c)) -> images (B,H,W,C)``, run in the same program;
+        with ``decode_params=True`` it is called as ``decode(z, params)`` (the decoder's weights travel with the
+        sampler's ``params`` instead of being compiled in).
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
       step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
@@ -59,6 +61,7 @@ class SamplingModel:
     class_null: bool = False
     decode: Callable[[jax.Array], jax.Array] | None = None
     context_shape: tuple[int, int] | None = None
+    decode_params: bool = False
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
@@ -80,7 +83,8 @@ class SamplingModel:
         if self.decode is None:
             return tuple(self.shape)
         z = jax.ShapeDtypeStruct((1,) + tuple(self.shape), jnp.float32)
-        return tuple(jax.eval_shape(self.decode, z).shape[1:])
+        decode = (lambda z: self.decode(z, self.params)) if self.decode_params else self.decode
+        return tuple(jax.eval_shape(decode, z).shape[1:])
 
 
 def make_denoiser(apply: Callable[..., jax.Array], params: Any, process) -> Callable[..., jax.Array]:
@@ -191,7 +195,7 @@ class Sampler:
         self.grid = jnp.asarray(grid)
         self.num_classes = model.num_classes
         process, prediction, solver, grid = model.process, model.prediction, self.solver, self.grid
-        guidance, decode = settings.guidance_scale, model.decode
+        guidance, decode, decode_params = settings.guidance_scale, model.decode, model.decode_params
         null = model.num_classes if model.class_null else None
 
         def run(params, x_T, labels, uncond, key):
@@ -205,7 +209,9 @@ class Sampler:
             else:
                 cond = dict(cond=labels, uncond=jnp.full_like(labels, null), guidance_scale=guidance)
             x = sample(denoiser, process, x_T, grid, solver=solver, prediction=prediction, key=key, **cond)
-            return decode(x).astype(jnp.float32) if decode is not None else x
+            if decode is None:
+                return x
+            return (decode(x, params) if decode_params else decode(x)).astype(jnp.float32)
 
         self._run = jax.jit(run)
 
