@@ -401,3 +401,59 @@ def test_width_mismatch_is_named():
     with pytest.raises(PipelineError, match=r"text_encoder's width \(hidden_size=16\) does not match the unet's "
                                             r"cross_attention_dim=24"):
         check_parts(Tok(), enc, unet, vae)
+
+
+# ------------------------------------------------------------------------ context sampling (no torch)
+
+def _context_model():
+    """A cheap context-conditioned eps model: eps = x * mean(context) + 0.1 * mean(context)."""
+    import jax.numpy as jnp
+
+    from jaxdiff.noise import make_process
+    from jaxdiff.sampling import SamplingModel
+
+    def apply(params, x, model_time, context):
+        c = jnp.mean(context, axis=(1, 2))[:, None, None, None] * params["w"]
+        return 0.5 * x * jnp.tanh(c) + 0.1 * c
+    return SamplingModel(apply=apply, params={"w": jnp.float32(1.0)}, process=make_process("vp_linear"),
+                         prediction="eps", shape=(4, 4, 2), context_shape=(5, 3))
+
+
+def test_context_sampler_guidance_chunking_and_devices():
+    import jax
+
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.sampling import Sampler, SamplerSettings, sample_images
+    model = _context_model()
+    rng = np.random.RandomState(0)
+    ctx, neg = rng.randn(6, 5, 3).astype(np.float32), rng.randn(5, 3).astype(np.float32)
+    settings = SamplerSettings(solver="dpm_solver++", steps=4, guidance_scale=3.0)
+    one = Sampler(model, settings)
+    whole = sample_images(one, None, 6, seed=1, batch=6, context=ctx, negative_context=neg)
+    chunked = sample_images(one, None, 6, seed=1, batch=4, context=ctx, negative_context=neg)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    eight = sample_images(Sampler(model, settings, make_mesh(4, 2)), None, 6, seed=1, batch=6, context=ctx,
+                          negative_context=np.broadcast_to(neg, ctx.shape))
+    np.testing.assert_allclose(eight, whole, atol=1e-5)
+    plain = sample_images(Sampler(model, SamplerSettings(solver="dpm_solver++", steps=4)), None, 6, seed=1,
+                          batch=6, context=ctx)
+    assert np.abs(plain - whole).max() > 1e-3
+    with pytest.raises(ValueError, match="needs negative_context"):
+        one(model.params, None, jax.random.key(0), context=ctx)
+    with pytest.raises(ValueError, match=r"context must have shape \(N, 5, 3\)"):
+        one(model.params, None, jax.random.key(0), context=ctx[:, :4], negative_context=neg)
+    with pytest.raises(ValueError, match="not on labels"):
+        one(model.params, np.zeros(6, np.int32), jax.random.key(0))
+
+
+@pytest.mark.parity
+def test_tokenizer_json_only_folder(reference, tmp_path):
+    """transformers 5 saves tokenizer.json without vocab.json / merges.txt: read as it is."""
+    from jaxdiff.convert.tokenizer import load_clip_tokenizer
+    pipe = reference[2]
+    pipe.tokenizer.save_pretrained(str(tmp_path))
+    assert not (tmp_path / "vocab.json").exists()
+    tok = load_clip_tokenizer(str(tmp_path))
+    strings = [s for s in TRICKY if len(s) < 40]
+    want = pipe.tokenizer(strings, padding="max_length", max_length=77, truncation=True).input_ids
+    assert tok(strings).tolist() == want
