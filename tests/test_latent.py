@@ -71,9 +71,19 @@ def test_latent_configuration_errors(tmp_path, data_dir, ae_run):  # noqa: F811
     c.latent.size = None
     with pytest.raises(ValueError, match="give latent.size and latent.channels"):
         train_loop.train(c, str(tmp_path / "c"), devices=_one())
+    # a pixel-space diffusion run's folder: its step-0 checkpoint, written as train.py writes checkpoints
+    # (config, data state, state); the check reads the checkpoint's config, so no training step is needed
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib import checkpoint as ckpt
+    from jaxdiff.train_lib import config as config_lib
+    from jaxdiff.train_lib.experiment import build_experiment
     pixel_run = str(tmp_path / "pixel")
-    train_loop.train(tiny_config(data_dir, train=dict(steps=1, batch_size=16, sample_every=0)), pixel_run,
-                       devices=_one())
+    pixel = tiny_config(data_dir, train=dict(steps=1, batch_size=16, sample_every=0))
+    writer = ckpt.Checkpointer(f"{pixel_run}/checkpoints", async_save=False)
+    writer.save(0, build_experiment(pixel, make_mesh(1, 1, _one())).init_state(), {"next": 0},
+                config_lib.to_dict(pixel))
+    writer.wait()
+    writer.close()
     with pytest.raises(ValueError, match="is a 'diffusion' run, not an autoencoder"):
         train_loop.train(latent_config(data_dir, pixel_run), str(tmp_path / "d"), devices=_one())
 

@@ -59,7 +59,7 @@ def write_config(path, data_dir, **sections):
     return str(path)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")   # read-only; session: built once per worker however tests are scheduled
 def data_dir(tmp_path_factory):
     from jaxdiff.data import build_digits
     d = tmp_path_factory.mktemp("tfds")
