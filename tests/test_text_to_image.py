@@ -457,3 +457,57 @@ def test_tokenizer_json_only_folder(reference, tmp_path):
     strings = [s for s in TRICKY if len(s) < 40]
     want = pipe.tokenizer(strings, padding="max_length", max_length=77, truncation=True).input_ids
     assert tok(strings).tolist() == want
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("cls,extra", [
+    ("DDIMScheduler", dict(set_alpha_to_one=False, steps_offset=1)),
+    ("DDIMScheduler", dict(timestep_spacing="trailing")),
+    ("DDIMScheduler", dict(timestep_spacing="linspace", set_alpha_to_one=True)),
+    ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1)),
+    ("DPMSolverMultistepScheduler", dict(steps_offset=1)),
+    ("DPMSolverMultistepScheduler", dict(timestep_spacing="leading", steps_offset=1, final_sigmas_type="sigma_min")),
+    ("UniPCMultistepScheduler", dict(timestep_spacing="trailing")),
+    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),
+])
+@pytest.mark.parametrize("steps", [7, 25])
+def test_scheduler_grid_visits_the_schedulers_timesteps(cls, extra, steps):
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.convert.scheduler import process_from_scheduler_config
+    from jaxdiff.convert.text_to_image import scheduler_grid
+    sched = getattr(diffusers, cls)(**SD_SCHEDULE, **extra)
+    sched.set_timesteps(steps)
+    cfg = dict(sched.config, _class_name=cls)
+    process, _ = process_from_scheduler_config(cfg)
+    grid = scheduler_grid(cfg, process, steps)
+    want = np.unique(np.asarray(sched.timesteps, np.float64))[::-1]
+    np.testing.assert_allclose(grid[:-1] * 1000 - 1, want, atol=1e-9)
+    to_one = cfg.get("set_alpha_to_one", cls != "PNDMScheduler") if cls in ("DDIMScheduler", "PNDMScheduler") else \
+        cfg.get("final_sigmas_type", "zero") == "zero"
+    assert float(process.sigma(grid[-1])) == (0.0 if to_one else pytest.approx(float(process.sigma(1e-3))))
+
+
+@pytest.mark.parity
+def test_textual_inversion_tokens_equal_transformers(reference):
+    """A new token and its embedding (textual inversion): the same prompt embeddings as transformers with
+    ``tokenizer.add_tokens`` + ``resize_token_embeddings`` + the row set."""
+    import copy
+    torch, _, pipe, folder = reference
+    transformers = pytest.importorskip("transformers")
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    vec = np.random.RandomState(7).randn(2, 32).astype(np.float32)
+    tok = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    enc = copy.deepcopy(pipe.text_encoder)
+    tok.add_tokens(["<cat-toy>", "<Style>"])
+    enc.resize_token_embeddings(len(tok))
+    ids_new = tok.convert_tokens_to_ids(["<cat-toy>", "<Style>"])
+    with torch.no_grad():
+        enc.get_input_embeddings().weight[ids_new] = torch.from_numpy(vec)
+    prompts = ["a <cat-toy> on the mat in <Style>", "a cat"]
+    ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = enc(ids).last_hidden_state.numpy()
+    ours = load_text_to_image(folder)
+    assert ours.add_tokens({"<cat-toy>": vec[0], "<Style>": vec[1]}) == ids_new
+    np.testing.assert_array_equal(ours.tokenize(prompts), ids.numpy())
+    assert np.abs(ours.encode_prompt(prompts) - want).max() <= TEXT_ATOL

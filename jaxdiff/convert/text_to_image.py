@@ -39,9 +39,9 @@ from jaxdiff.timesteps import diffusers_indices, grid_from_indices
 PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 OUTPUT_TYPES = ("np", "latent")
 # diffusers schedulers whose timesteps follow DDIM's spacing rule (the others: the multistep rule)
-_DDIM_STYLE = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler")
-_DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading",
-                    "LCMScheduler": "leading"}
+_DDIM_STYLE = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+               "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
+_DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
 
 
 class PipelineError(ValueError):
@@ -52,7 +52,8 @@ def scheduler_grid(scheduler_config: dict, process, steps: int) -> np.ndarray:
     """``(steps+1,)`` process times at the training indices a diffusers scheduler with ``scheduler_config`` visits
     in ``steps`` steps (``timestep_spacing``, ``steps_offset``), then its final point (``set_alpha_to_one`` /
     ``final_sigmas_type``: t = 0, or index 0's time). With the matching jaxdiff solver this reproduces the
-    scheduler (docs/solvers.md); any jaxdiff solver may use it."""
+    scheduler (docs/solvers.md); any jaxdiff solver may use it. Euler/Heun with ``"linspace"`` spacing visit
+    fractional timesteps, which are rounded here."""
     cls = scheduler_config.get("_class_name", "DDIMScheduler")
     style = "ddim" if cls in _DDIM_STYLE else "multistep"
     spacing = scheduler_config.get("timestep_spacing") or _DEFAULT_SPACING.get(cls, "linspace")
@@ -103,6 +104,26 @@ class TextToImagePipeline:
     def params(self) -> dict:
         """The parameters the sampler takes: ``{"unet": ..., "vae": ...}`` (pure dicts / states)."""
         return {"unet": self._unet_params, "vae": self._vae_params}
+
+    def add_tokens(self, embeddings: dict) -> list[int]:
+        """Textual inversion: add each ``{token: vector (D,)}`` to the tokenizer (matched before BPE, case kept)
+        and its vector to the text encoder's token table at the token's id; returns the ids. Compiled samplers
+        stay valid (the UNet does not change)."""
+        d = self.text_encoder.config.hidden_size
+        vectors = {t: np.asarray(v, np.float32).reshape(-1) for t, v in embeddings.items()}
+        for t, v in vectors.items():
+            if v.shape != (d,):
+                raise ValueError(f"the embedding of {t!r} has {v.size} values; the text_encoder's width is {d}")
+        ids = self.tokenizer.add_tokens(list(vectors))
+        table = self.text_encoder.embeddings.token_embedding.embedding
+        size = max(self.text_encoder.config.vocab_size, max(ids, default=-1) + 1)
+        if size > self.text_encoder.config.vocab_size:
+            self.text_encoder.resize_token_embeddings(size)
+            table = self.text_encoder.embeddings.token_embedding.embedding
+        value = table.get_value().at[jnp.asarray(ids, jnp.int32)].set(
+            jnp.asarray(np.stack(list(vectors.values())), table.get_value().dtype))
+        table.set_value(value)
+        return ids
 
     def tokenize(self, prompts: str | Sequence[str]) -> np.ndarray:
         """``(B, model_max_length)`` int32 ids, as diffusers pads and truncates prompts (with a warning)."""
