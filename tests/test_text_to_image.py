@@ -24,13 +24,13 @@ CORPUS = ["a photo of a cat sitting on the mat", "an astronaut riding a horse on
           "a thin seven, upright and small", "oil painting of a lighthouse at dusk"] * 10
 TRICKY = ["", " ", "A photo of a CAT", "an  astronaut\triding\na horse", "don't you're we'll I'd",
           "café naïve Ünïcödé", "e\u0301", "日本語のテキスト", "emoji 🐱🚀!!", "3.14159 and 42",
-          "<|startoftext|>hi<|endoftext|>", "hello<|endoftext|>world", "a,b;c:d", "x" * 50,
+          "<|startoftext|>hi<|endoftext|>", "hello<|endoftext|>world", "a,b;c:d", "wow!!! yes!", "x" * 50,
           "the quick brown fox jumps over the lazy dog's back again and again and again"]
 SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def write_tokenizer_files(folder, corpus=CORPUS, vocab_size=300, max_length=77):
+def write_tokenizer_files(folder, corpus=CORPUS, vocab_size=300, max_length=77, pad_token=EOS):
     """CLIP-style vocab.json + merges.txt (a BPE learned on ``corpus`` with CLIP's pre-tokenisation) and a
     tokenizer_config.json; returns the vocabulary size."""
     from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
@@ -58,7 +58,7 @@ def write_tokenizer_files(folder, corpus=CORPUS, vocab_size=300, max_length=77):
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+        json.dump(dict(model_max_length=max_length, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token,
                        tokenizer_class="CLIPTokenizer"), f)
     return len(vocab)
 
@@ -133,11 +133,11 @@ def ours(reference):
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 @pytest.mark.parity
-@pytest.mark.parametrize("max_length", [77, 12])
-def test_tokenizer_ids_equal_transformers(tmp_path, max_length):
+@pytest.mark.parametrize("max_length,pad", [(77, EOS), (12, EOS), (77, "!")])    # "!": SD 2.x's pad token
+def test_tokenizer_ids_equal_transformers(tmp_path, max_length, pad):
     transformers = pytest.importorskip("transformers")
     from jaxdiff.convert.tokenizer import load_clip_tokenizer
-    write_tokenizer_files(str(tmp_path), max_length=max_length)
+    write_tokenizer_files(str(tmp_path), corpus=CORPUS + ["wow!!! yes!"] * 20, max_length=max_length, pad_token=pad)
     ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
     tok = load_clip_tokenizer(str(tmp_path))
     assert tok.model_max_length == max_length

@@ -51,9 +51,11 @@ def _read_json(path):
         return json.load(f)
 
 
-def build_clip_bpe(vocab: dict, merges: list, *, bos_token: str, eos_token: str, unk_token: str):
+def build_clip_bpe(vocab: dict, merges: list, *, bos_token: str, eos_token: str, unk_token: str,
+                   pad_token: str | None = None):
     """A ``tokenizers.Tokenizer`` with CLIP's BPE pipeline over ``vocab`` ({token: id}) and ``merges``
-    (``"a b"`` strings or pairs); ``bos ... eos`` added around each text."""
+    (``"a b"`` strings or pairs); ``bos ... eos`` added around each text. The special tokens (the pad token
+    included: SD 2.x pads with ``"!"``) are matched in the raw text before BPE, as transformers does."""
     tk = _import_tokenizers()
     from tokenizers import Regex, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
@@ -68,7 +70,7 @@ def build_clip_bpe(vocab: dict, merges: list, *, bos_token: str, eos_token: str,
     from tokenizers import decoders
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
-                            for t in dict.fromkeys([bos_token, eos_token, unk_token])])
+                            for t in dict.fromkeys([bos_token, eos_token, unk_token, pad_token or eos_token])])
     tok.post_processor = processors.RobertaProcessing((eos_token, tok.token_to_id(eos_token)),
                                                       (bos_token, tok.token_to_id(bos_token)),
                                                       trim_offsets=False, add_prefix_space=False)
@@ -157,7 +159,7 @@ def load_clip_tokenizer(folder: str, *, what: str | None = None) -> CLIPTokenize
         with open(merges_path, encoding="utf-8") as f:
             merges = [ln for ln in f.read().split("\n") if ln.strip() and not ln.startswith("#version")]
         backend = build_clip_bpe(vocab, merges, bos_token=special["bos_token"], eos_token=special["eos_token"],
-                                 unk_token=special["unk_token"])
+                                 unk_token=special["unk_token"], pad_token=special["pad_token"])
         added = _read_json(os.path.join(folder, ADDED_FILE))
         decoder = cfg.get("added_tokens_decoder") or {}
         extra = {tok: int(i) for tok, i in added.items()}
