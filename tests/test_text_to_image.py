@@ -367,6 +367,14 @@ def _fake_folder(root, parts, index=True):
     return str(root)
 
 
+def test_is_text_to_image_folder(tmp_path):
+    from jaxdiff.convert.text_to_image import is_text_to_image_folder
+    assert is_text_to_image_folder(_fake_folder(tmp_path / "a", ["tokenizer", "text_encoder", "unet", "vae",
+                                                                 "scheduler"]))
+    assert not is_text_to_image_folder(_fake_folder(tmp_path / "b", ["unet", "scheduler"]))
+    assert not is_text_to_image_folder(str(tmp_path / "nothing"))
+
+
 def test_missing_part_is_named(tmp_path):
     from jaxdiff.convert.text_to_image import PipelineError, load_text_to_image
     with pytest.raises(PipelineError, match="no model_index.json"):

@@ -257,6 +257,21 @@ def _read_index(folder: str) -> dict:
         return json.load(f)
 
 
+def is_text_to_image_folder(folder: str) -> bool:
+    """Whether ``folder`` is a diffusers pipeline with a text encoder and a tokenizer (``model_index.json``
+    naming both): what a CLI can use to route ``--diffusers DIR`` to :func:`load_text_to_image`."""
+    path = os.path.join(os.fspath(folder), "model_index.json")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return False
+    present = lambda k: isinstance(index.get(k), list) and index[k][-1] is not None  # noqa: E731
+    return present("text_encoder") and present("tokenizer")
+
+
 def load_text_to_image(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> TextToImagePipeline:
     """Load a diffusers text-to-image folder (``StableDiffusionPipeline`` layout) into a
     :class:`TextToImagePipeline`. :class:`PipelineError` names a missing part (in ``model_index.json`` or on
@@ -308,5 +323,5 @@ def load_text_to_image(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float3
                                source=folder)
 
 
-__all__ = ["OUTPUT_TYPES", "PARTS", "PipelineError", "TextToImagePipeline", "check_parts", "load_text_to_image",
-           "scheduler_grid"]
+__all__ = ["OUTPUT_TYPES", "PARTS", "PipelineError", "TextToImagePipeline", "check_parts", "is_text_to_image_folder",
+           "load_text_to_image", "scheduler_grid"]
