@@ -537,3 +537,21 @@ def test_pipeline_sharded_and_bfloat16(reference, ours):
     low = half(prompts[:2], solver="dpm_solver++", steps=4, seed=2)
     assert low.dtype == np.float32 and np.isfinite(low).all()
     assert np.abs(low - whole[:2]).mean() < 0.05
+
+
+@pytest.mark.parity
+def test_sample_cli_prompts_a_text_to_image_folder(reference, ours, tmp_path, capsys):
+    """jaxdiff-sample --diffusers FOLDER --prompt ...: the Python API's images (in [-1, 1]), prompts cycled."""
+    from jaxdiff.cli import sample as sample_cli
+    folder, out = reference[3], tmp_path / "out"
+    args = ["--diffusers", folder, "--prompt", "a red cat", "--prompt", "a tree", "--negative_prompt", "blurry",
+            "--num", "4", "--steps", "3", "--solver", "ddim", "--guidance_scale", "5", "--seed", "7"]
+    assert sample_cli.main(args + ["--out", str(out)]) == 0
+    saved = np.load(out / "samples.npz")
+    want = ours(["a red cat", "a tree"], "blurry", solver="ddim", steps=3, guidance_scale=5.0, seed=7,
+                num_images_per_prompt=2)
+    np.testing.assert_allclose(saved["images"], want * 2 - 1, atol=1e-5)
+    np.testing.assert_array_equal(saved["labels"], [0, 0, 1, 1])
+    assert json.loads((out / "sample.json").read_text())["prompt"] == ["a red cat", "a tree"]
+    assert sample_cli.main(["--diffusers", folder, "--num", "2"]) == 2
+    assert "text-to-image folder: give --prompt" in capsys.readouterr().err

@@ -128,12 +128,12 @@ def load_model(args):
     return load_diffusers_model(args.diffusers), parallel.make_mesh()
 
 
-def sampler_settings(model, args):
-    """The :class:`~jaxdiff.sampling.SamplerSettings` of the command line over the model's defaults."""
+def sampler_settings(defaults, args):
+    """The :class:`~jaxdiff.sampling.SamplerSettings` of the command line over ``defaults`` (a model's)."""
     from jaxdiff.sampling import SamplerSettings
     try:
         kwargs = json.loads(args.solver_kwargs) if args.solver_kwargs else None
     except json.JSONDecodeError as e:
         raise ValueError(f"--solver_kwargs must be a JSON object, got {args.solver_kwargs!r}: {e}") from None
-    return SamplerSettings.resolve(model.defaults, solver=args.solver, solver_kwargs=kwargs, grid=args.grid,
+    return SamplerSettings.resolve(defaults, solver=args.solver, solver_kwargs=kwargs, grid=args.grid,
                                    steps=args.steps, guidance_scale=args.guidance_scale)

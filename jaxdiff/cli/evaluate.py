@@ -54,7 +54,7 @@ def evaluate_model(args) -> dict:
     extractor = ev.build_extractor(args.features, image_size=size, channels=ch,
                                    inception_weights=args.inception_weights)
     reference = ev.load_reference(extractor, args.ref_stats, args.ref_features)   # checked before sampling
-    settings = cli.sampler_settings(model, args)
+    settings = cli.sampler_settings(model.defaults, args)
     labels = make_labels(args.labels, args.num, model.num_classes)
     sampler = Sampler(model, settings, mesh)
     chunks = sample_chunks(sampler, labels, args.num, args.seed, args.batch)

@@ -4,6 +4,8 @@
     jaxdiff-sample --workdir runs/digits --grid optimized --steps 8 --labels 3,3,3,7,7,7
     jaxdiff-sample --workdir runs/digits --eval digits     # class agreement + Frechet distance (digits classifier)
     jaxdiff-sample --diffusers path/to/ddpm-cifar10-32 --num 64 --solver unipc --steps 10 --out out/
+    jaxdiff-sample --diffusers path/to/stable-diffusion --prompt "a cat" --negative_prompt blurry \
+        --num 4 --steps 20 --guidance_scale 7.5            # a text-to-image folder (model_index.json)
 
 The model is a training run's checkpoint (EMA parameters unless ``--raw``; its ``config.sample`` gives the
 defaults) or a diffusers folder (converted on load; the scheduler config gives the noise process and
@@ -34,6 +36,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=100)
     parser.add_argument("--batch", type=int, default=500, help="samples per device call")
     cli.add_sampling_arguments(parser)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text-to-image folders: a prompt (repeat for several; --num images cycle over them)")
+    parser.add_argument("--negative_prompt", default=None, help="text-to-image: the negative prompt of guidance")
     parser.add_argument("--eval", choices=["digits"], default=None,
                         help="score the samples: 'digits' = digits-classifier agreement and Frechet distance")
     return parser.parse_args(argv)
@@ -46,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from jaxdiff.sampling import Sampler, make_labels, sample_chunks
-    from jaxdiff.train_lib.images import save_grid
     if args.num < 1 or args.batch < 1:
         raise ValueError(f"--num and --batch must be positive, got {args.num}, {args.batch}")
+    from jaxdiff.convert.text_to_image import is_text_to_image_folder
+    if args.diffusers and is_text_to_image_folder(args.diffusers):
+        return run_text_to_image(args)
+    if args.prompt or args.negative_prompt:
+        raise ValueError("--prompt / --negative_prompt need a diffusers text-to-image folder (with model_index.json "
+                         "naming text_encoder, tokenizer, unet, vae, scheduler)")
     model, mesh = cli.load_model(args)
-    settings = cli.sampler_settings(model, args)
+    settings = cli.sampler_settings(model.defaults, args)
     labels = make_labels(args.labels, args.num, model.num_classes)
     size, _, ch = model.image_shape
     if args.eval == "digits" and (labels is None or size not in (16, 32) or ch != 1):
@@ -73,18 +83,62 @@ def run(args: argparse.Namespace) -> int:
         from jaxdiff.extractors import digits_quality
         quality = digits_quality(images, labels)
         result.update({k: v for k, v in quality.items() if isinstance(v, (int, float, str))})
-    if jax.process_index() == 0:
-        os.makedirs(out, exist_ok=True)
-        k = model.num_classes
-        nrow = k if k and args.num % k == 0 and args.labels is None else None
-        save_grid(images, os.path.join(out, "samples.png"), nrow=nrow, scale=2)
-        np.savez(os.path.join(out, "samples.npz"), images=images,
-                 labels=labels if labels is not None else np.zeros((0,), np.int32))
-        with open(os.path.join(out, "eval.json" if args.eval else "sample.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        print(json.dumps(result), flush=True)
-        log.info("wrote %s/samples.png and samples.npz", out)
+    k = model.num_classes
+    nrow = k if k and args.num % k == 0 and args.labels is None else None
+    write_outputs(out, images, labels, result, nrow=nrow, eval_name="eval.json" if args.eval else "sample.json")
     return 0
+
+
+def run_text_to_image(args: argparse.Namespace) -> int:
+    """``--diffusers`` names a text-to-image folder: ``--num`` images for the ``--prompt``s (cycled)."""
+    import math
+
+    import jax
+    import numpy as np
+
+    from jaxdiff import parallel
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    if not args.prompt:
+        raise ValueError(f"{args.diffusers} is a text-to-image folder: give --prompt")
+    if args.labels or args.eval or args.step is not None or args.raw:
+        raise ValueError("--labels, --eval, --step and --raw do not apply to a text-to-image folder")
+    pipe = load_text_to_image(args.diffusers)
+    defaults = {"solver": "dpm_solver++", "grid": "uniform_logsnr", "steps": 20, "guidance_scale": 7.5}
+    settings = cli.sampler_settings(defaults, args)
+    per_prompt = math.ceil(args.num / len(args.prompt))
+    t0 = time.perf_counter()
+    images = pipe(args.prompt, args.negative_prompt, solver=settings.solver, solver_kwargs=settings.solver_kwargs,
+                  grid=settings.grid, steps=settings.steps, guidance_scale=settings.guidance_scale, seed=args.seed,
+                  num_images_per_prompt=per_prompt, mesh=parallel.make_mesh())[:args.num]
+    s = settings
+    out = args.out or os.path.join(args.diffusers, f"sample_{s.solver}_{s.grid}_{s.steps}"
+                                   + (f"_cfg{s.guidance_scale:g}" if s.guidance_scale else ""))
+    result = {"source": args.diffusers, "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+              **s.as_dict(), "num": int(len(images)), "seed": args.seed, "seconds": time.perf_counter() - t0,
+              "devices": jax.device_count()}
+    prompt_index = np.repeat(np.arange(len(args.prompt)), per_prompt)[:args.num].astype(np.int32)
+    write_outputs(out, np.asarray(images) * 2.0 - 1.0, prompt_index, result, nrow=per_prompt,
+                  eval_name="sample.json")
+    return 0
+
+
+def write_outputs(out: str, images, labels, result: dict, *, nrow: int | None, eval_name: str) -> None:
+    """``samples.png`` (a grid), ``samples.npz`` (``images`` (N, H, W, C) in [-1, 1], ``labels``) and the
+    JSON record, from process 0."""
+    import jax
+    import numpy as np
+
+    from jaxdiff.train_lib.images import save_grid
+    if jax.process_index() != 0:
+        return
+    os.makedirs(out, exist_ok=True)
+    save_grid(images, os.path.join(out, "samples.png"), nrow=nrow, scale=2)
+    np.savez(os.path.join(out, "samples.npz"), images=images,
+             labels=labels if labels is not None else np.zeros((0,), np.int32))
+    with open(os.path.join(out, eval_name), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result), flush=True)
+    log.info("wrote %s/samples.png and samples.npz", out)
 
 
 def main(argv: list[str] | None = None) -> int:
