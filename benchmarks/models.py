@@ -327,9 +327,11 @@ NOTES = [
     "Training step, where the time goes (micro-benchmarks on this machine, batch 16, 32x32x128): the forward "
     "pass runs at 55-70% of the matmul peak, the backward at about half that rate. A ResnetBlock2D gradient "
     "costs 4.8x its forward (ideal ~3x): GroupNorm+SiLU backward is memory-bound (4.5x its forward), the conv "
-    "input gradient runs as fast as the forward conv, and the conv kernel gradient, computed as kh*kw matmuls "
-    "(custom_vjp in jaxdiff.nn.layers.conv2d), is ~25% faster than XLA:CPU's backward-filter convolution but "
-    "still pays for strided input copies. PyTorch (oneDNN) keeps its backward closer to 2.5x its forward.",
+    "input gradient runs as fast as the forward conv, and the conv kernel gradient was then computed as kh*kw "
+    "matmuls (custom_vjp in jaxdiff.nn.layers.conv2d), paying for strided input copies. Since issue 13 the default "
+    "is XLA's backward-filter convolution for all but 1x1 convs (YNNPACK in jax 0.10.2; faster: "
+    "benchmarks/results/train_vs_pytorch.md); the train-step row above predates that. PyTorch (oneDNN) keeps its "
+    "backward closer to 2.5x its forward.",
     "VAE decoder stages: jaxdiff is faster at 32x32 and 64x64 (512 channels: mid_block, up_blocks[0]) and "
     "about at par to 10% slower at 128x128 and 256x256 (up_blocks[1], up_blocks[2]: large 3x3 convs, where "
     "XLA:CPU's convolution is slower than oneDNN's); up_blocks[3] went either way between runs.",
