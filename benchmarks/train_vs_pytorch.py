@@ -580,8 +580,9 @@ NOTES: list[str] = [
     "49.0 s wall (train step compiled in 30.7 s, first step done 42.9 s after start); warm (same folder, second "
     "run) 20.4 s wall (compile 6.1 s, first step 15.1 s after start).",
     "make demo (configs/digits.py now 1,200 steps at batch 64, no in-training sample grid; fresh workdir, cold "
-    "compilation cache, load 8-9): train.py 212 s (~7 steps/s) + sample.py --num 100 --steps 10 --eval digits "
-    "22 s = 233 s; class agreement 1.00.",
+    "compilation cache; two runs, load 7-10): train.py 212 / 234 s (6.4-7.4 steps/s) + sample.py --num 100 "
+    "--steps 10 --eval digits 22 / 25 s = 233 / 259 s; class agreement 1.00 both times (the 2,000-step config "
+    "took ~13 min on a fresh machine, per issue 13).",
     "Commands: `python benchmarks/train_vs_pytorch.py --profile --conv-layers` (this file); flag A/B: the same "
     "step timed in one process per XLA_FLAGS setting; demo: the two `make demo` commands with a fresh --workdir.",
 ]

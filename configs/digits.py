@@ -4,11 +4,12 @@
 
 Builds the digits TFDS dataset locally on first use (a few seconds), then trains a 280,881-parameter UNet for
 1,200 steps at batch 64, predicting v (cosine schedule; labels dropped 10% of the time, so classifier-free
-guidance works). Runtime, measured on the shared 2-core CPU machine (load average 8-9 from other jobs, cold XLA
-compilation cache, 2026-11-30): ``make demo`` = this training 212 s + ``sample.py --num 100 --steps 10
---eval digits`` 22 s = 3 min 53 s in all, class agreement 1.00 (100 samples). The train step runs at ~7
-steps/s there (benchmarks/results/train_vs_pytorch.md); with a warm compilation cache the first step comes
-~28 s sooner. Sample with
+guidance works). Runtime, measured on the shared 2-core CPU machine (load average 7-10 from other jobs, cold XLA
+compilation cache, fresh workdir, 2026-11-30, two runs): ``make demo`` = this training 212 / 234 s +
+``sample.py --num 100 --steps 10 --eval digits`` 22 / 25 s = 3 min 53 s / 4 min 19 s in all, class agreement
+1.00 both times (100 samples). The train step runs at 6.4-7.4 steps/s there
+(benchmarks/results/train_vs_pytorch.md); with a warm compilation cache the first step comes ~28 s sooner.
+Sample with
     python sample.py --workdir runs/digits --solver dpm_solver++ --steps 20 --guidance_scale 2
 """
 from jaxdiff.train_lib.config import default_config
