@@ -4,7 +4,7 @@ On the analytic 16-D Gaussian mixture (exact denoiser, vp_linear, t = 1 -> 1e-3)
 probability-flow ODE solution on *held-out* noise of the learned grid against every hand-made grid
 (uniform-t, uniform-logSNR, time-quadratic, Karras) and the Xue et al. grids (p = 1 and p = 2, official
 objective; p = 1 paper objective), at NFE 5, 6, 8, 10 for DPM-Solver++(2M), DPM-Solver++(3M), UniPC-3 (bh1)
-and DDIM. Learned grids: calibration sets of 256 noises (several seeds, disjoint from the held-out set),
+and DDIM. Learned grids: calibration sets of 1024 noises (several seeds, disjoint from the held-out set),
 teacher DPM-Solver++(3M) with 512 uniform-logSNR steps, init "best" (the hand-made and Xue p=1 grids, the
 lowest calibration loss kept), Adam 500 steps, lr 0.05 (cosine). Also timed: the teacher, the compilation
 of the optimizer loop and the loop itself.
@@ -203,6 +203,8 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--solvers", default=",".join(SOLVERS))
     ap.add_argument("--nfes", default="5,6,8,10")
+    ap.add_argument("--n-cal", type=int, default=1024, help="calibration noises per seed")
+    ap.add_argument("--opt-steps", type=int, default=500)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -212,7 +214,7 @@ def main(argv=None):
         stem = args.out or os.path.join(tempfile.gettempdir(), "learned_grid.quick")
     else:
         settings = dict(nfes=[int(x) for x in args.nfes.split(",")], solvers=args.solvers.split(","),
-                        seeds=list(range(args.seeds)), n_cal=256, n_held=2048, opt_steps=500, lr=0.05,
+                        seeds=list(range(args.seeds)), n_cal=args.n_cal, n_held=2048, opt_steps=args.opt_steps, lr=0.05,
                         teacher_steps=512)
         stem = args.out or os.path.join(RESULTS, "learned_grid")
     t = time.perf_counter()

@@ -47,8 +47,11 @@ __all__ = ["learn_grid", "LearnedGrid", "teacher_solution", "make_grid_loss", "g
 
 Array = jax.Array
 
-# fewer calibration samples than this per free grid point draws a warning (the grid may fit the set)
-MIN_SAMPLES_PER_PARAMETER = 4
+# fewer calibration samples than this per free grid point draws a warning (the grid may fit the set): on the
+# 16-D mixture, 256 samples for the 9 free points of a 10-step UniPC-3 grid (28 each) overfit (calibration
+# RMSE 0.0065, held-out 0.065 and worse than time-quadratic on 1 seed of 3); 1024 did not
+# (benchmarks/results/learned_grid.md)
+MIN_SAMPLES_PER_PARAMETER = 32
 HAND_INITS = ("uniform_t", "uniform_logsnr", "time_quadratic", "karras")
 
 
