@@ -27,6 +27,7 @@ from jaxdiff.timesteps import GRIDS, make_grid
 OPTIMIZED_SOLVERS = ("dpm_solver++", "unipc")
 GRID_NAMES = tuple(sorted(GRIDS)) + ("optimized",)
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+LEARNED_PREFIX = "learned:"      # grid="learned:PATH": a grid file of jaxdiff.solvers.learn_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,25 @@ def time_grid(process, grid: str, steps: int, solver: str = "dpm_solver++", orde
     return np.asarray(make_grid(grid, process, steps), np.float64)
 
 
+def learned_grid_steps(grid: str) -> int:
+    """Steps (grid intervals) of the learned-grid file named by ``"learned:PATH"`` (ValueError if unreadable)."""
+    from jaxdiff.timesteps.learned import read_grid_file
+    return len(read_grid_file(grid[len(LEARNED_PREFIX):])["grid"]) - 1
+
+
+def load_learned_grid(grid: str, process, solver, settings: "SamplerSettings") -> np.ndarray:
+    """The times of ``"learned:PATH"``, checked against this process, solver (class and options) and guidance
+    scale (``jaxdiff.timesteps.load_grid``), and against ``settings.steps``."""
+    from jaxdiff.timesteps.learned import load_grid, read_grid_file
+    path = grid[len(LEARNED_PREFIX):]
+    times = load_grid(path, process, solver, int(read_grid_file(path)["nfe"]),
+                      guidance_scale=settings.guidance_scale)
+    if len(times) - 1 != settings.steps:
+        raise ValueError(f"the learned grid {path} has {len(times) - 1} steps, not steps={settings.steps}: "
+                         "leave steps unset or give that number")
+    return times
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """How to sample: ``solver`` (a name of ``jaxdiff.solvers.SOLVERS``) with ``solver_kwargs``, the time
@@ -128,8 +148,11 @@ class SamplerSettings:
         if not isinstance(self.solver_kwargs, Mapping):
             raise ValueError(f"solver_kwargs must be a dict, got {self.solver_kwargs!r}")
         object.__setattr__(self, "solver_kwargs", dict(self.solver_kwargs))
-        if self.grid not in GRID_NAMES:
-            raise ValueError(f"unknown time grid {self.grid!r}; choose one of {list(GRID_NAMES)}")
+        if self.grid.startswith(LEARNED_PREFIX):
+            learned_grid_steps(self.grid)     # the file exists and is a learned grid
+        elif self.grid not in GRID_NAMES:
+            raise ValueError(f"unknown time grid {self.grid!r}; choose one of {list(GRID_NAMES)} or "
+                             f"'{LEARNED_PREFIX}PATH' (a grid learned with jaxdiff.solvers.learn_grid)")
         if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
             raise ValueError(f"sampling steps must be a positive integer, got {self.steps!r}")
         g = self.guidance_scale
@@ -155,8 +178,11 @@ class SamplerSettings:
         d = dict(defaults)
         kwargs = solver_kwargs if solver_kwargs is not None else (
             d.get("solver_kwargs", {}) if solver is None or solver == d.get("solver") else {})
+        grid = grid or d.get("grid", cls.grid)
+        if steps is None and grid.startswith(LEARNED_PREFIX):    # a learned grid's file fixes its step count
+            steps = learned_grid_steps(grid)
         return cls(solver=solver or d.get("solver", cls.solver), solver_kwargs=dict(kwargs),
-                   grid=grid or d.get("grid", cls.grid), steps=steps or d.get("steps", cls.steps),
+                   grid=grid, steps=steps or d.get("steps", cls.steps),
                    guidance_scale=guidance_scale if guidance_scale is not None else d.get("guidance_scale"))
 
     def as_dict(self) -> dict:
@@ -185,7 +211,9 @@ class Sampler:
                              "class); this model has none: sample without guidance_scale")
         self.model, self.settings, self.mesh = model, settings, mesh
         self.solver = settings.make_solver()
-        if grid is None:
+        if grid is None and settings.grid.startswith(LEARNED_PREFIX):
+            grid = load_learned_grid(settings.grid, model.process, self.solver, settings)
+        elif grid is None:
             grid = time_grid(model.process, settings.grid, settings.steps, settings.solver,
                              getattr(self.solver, "order", None))
         else:

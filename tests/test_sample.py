@@ -113,3 +113,26 @@ def test_sampling_a_diffusers_folder(tmp_path):
     assert images.shape == (4, 8, 8, 3) and np.all(np.isfinite(images))
     with pytest.raises(ValueError, match="unsupported beta_schedule"):
         process_from_scheduler_config({"beta_schedule": "sigmoid"})
+
+
+def test_sample_script_takes_a_learned_grid_file(runs, tmp_path, capsys):
+    """--grid learned:PATH: the file's times are sampled on (its step count when --steps is unset); a file
+    learned for another solver or option is refused with the difference named."""
+    from jaxdiff.solvers import make_solver
+    from jaxdiff.timesteps import make_grid, save_grid
+    exp, _, _ = restore_run(runs["cfg"], task="diffusion", mesh=make_mesh(1, 1, jax.devices()[:1]))
+    times = make_grid("time_quadratic", exp.process, 4)
+    path = str(tmp_path / "grid.json")
+    save_grid(path, times, process=exp.process, solver=make_solver("unipc", order=2), solver_name="unipc", nfe=4)
+    args = ["--workdir", runs["cfg"], "--num", "10", "--solver", "unipc", "--solver_kwargs", '{"order": 2}']
+    assert sample_cli.main(args + ["--grid", f"learned:{path}", "--out", str(tmp_path / "a")]) == 0
+    assert sample_cli.main(args + ["--grid", "time_quadratic", "--steps", "4", "--out", str(tmp_path / "b")]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"] for d in ("a", "b"))
+    np.testing.assert_array_equal(a, b)
+    assert json.loads((tmp_path / "a" / "sample.json").read_text())["steps"] == 4
+    capsys.readouterr()
+    assert sample_cli.main(["--workdir", runs["cfg"], "--num", "2", "--solver", "unipc", "--grid",
+                            f"learned:{path}", "--out", str(tmp_path / "c")]) == 2
+    assert "order" in capsys.readouterr().err
+    assert sample_cli.main(args + ["--grid", "learned:" + str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

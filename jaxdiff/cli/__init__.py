@@ -108,7 +108,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sampling (unset: the run's config.sample)")
     g.add_argument("--solver", default=None, help="a name of jaxdiff.solvers.SOLVERS")
     g.add_argument("--solver_kwargs", default=None, help='JSON, e.g. \'{"order": 3}\'')
-    g.add_argument("--grid", default=None, help="uniform_t | uniform_logsnr | time_quadratic | karras | optimized")
+    g.add_argument("--grid", default=None, help="uniform_t | uniform_logsnr | time_quadratic | karras | optimized | "
+                                                "learned:PATH (a grid file of jaxdiff.solvers.learn_grid)")
     g.add_argument("--steps", type=int, default=None, help="solver steps (NFE for multistep solvers)")
     g.add_argument("--guidance_scale", type=float, default=None)
     g.add_argument("--labels", default=None, help="comma-separated class labels, cycled to --num "
