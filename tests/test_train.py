@@ -344,6 +344,8 @@ def test_gradient_accumulation_equals_one_big_batch():
             create_state(params, opt, 0), batch)
 
 
+@pytest.mark.slow      # 3-7 min on 2 cores (this bf16 + dropout + accumulation step compiles slowly); the default
+# suite keeps bf16 compute (test_nn_unet), dropout keying and accumulation = one big batch (tests here)
 def test_bfloat16_dropout_and_accumulation_train(tmp_path, data_dir):
     c = tiny_config(data_dir, model=dict(dtype="bfloat16", dropout=0.1), train=dict(steps=3, grad_accum=2))
     out = train_loop.train(c, str(tmp_path / "bf16"), devices=jax.devices()[:1])
