@@ -1,6 +1,5 @@
 """DEIS multistep ("logrho"): convergence order on the exact mixture, DDIM at order 1, the final step to
 sigma = 0, and parity with diffusers' DEISMultistepScheduler (parity marker; skipped without torch)."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -8,26 +7,14 @@ import numpy as np
 import pytest
 
 from jaxdiff.analytic import GaussianMixture
-from jaxdiff.noise import make_process
 from jaxdiff.solvers import DDIM, DEIS, make_solver, sample
 from jaxdiff.solvers.base import make_sched
 from jaxdiff.timesteps import diffusers_indices, grid_from_indices, make_grid
 
 
-@functools.lru_cache(maxsize=None)
-def _smooth_mixture():
-    # overlapping components: a smooth ODE, so the asymptotic order shows at modest NFE (as tests/test_solvers.py)
-    return GaussianMixture.random(jax.random.PRNGKey(0), 3, 4, separation=1.5, std_range=(0.4, 0.8))
-
-
-PROCESS = make_process("vp_continuous_linear")
-X_T = PROCESS.prior_sample(jax.random.PRNGKey(1), (64, 4))
-
-
-@functools.lru_cache(maxsize=None)
-def _reference():
-    g = make_grid("uniform_logsnr", PROCESS, 4)
-    return _smooth_mixture().reference_ode_solution(PROCESS, X_T, g[0], g[-1])
+# the smooth mixture (overlapping components: the asymptotic order shows at modest NFE), the process, the
+# start noise and the reference ODE solution of tests/test_solvers.py
+from test_solvers import PROCESS, X_T, _reference, _smooth_mixture  # noqa: E402
 
 
 def _error(solver, steps, grid="uniform_logsnr"):

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.configs import UnsupportedConfigError
+from jaxdiff.convert.diffusers_io import read_torch_checkpoint
 from jaxdiff.convert.keys import copy_state_dict, to_torch_layout
 from jaxdiff.nn.clip_text import ACTIVATIONS, CLIPTextConfig, CLIPTextModel
 
@@ -127,13 +128,7 @@ def read_transformers_state_dict(folder: str, what: str = "text encoder") -> dic
         return sd
     binary = os.path.join(folder, WEIGHTS_BIN)
     if os.path.isfile(binary):
-        try:
-            import torch
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"{what}: {binary} is a PyTorch checkpoint; install torch or convert it to "
-                              "safetensors") from e
-        sd = torch.load(binary, map_location="cpu", weights_only=True)
-        return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+        return read_torch_checkpoint(binary, what)
     raise FileNotFoundError(f"{what}: no {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX} or {WEIGHTS_BIN} in {folder!r}")
 
 

@@ -45,14 +45,20 @@ def read_state_dict(folder: str) -> dict:
         os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".pt", ".pth")))
     for path in candidates:
         if os.path.isfile(path):
-            try:
-                import torch
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ImportError(f"{path} is a PyTorch checkpoint; install torch or convert it to "
-                                  "safetensors") from e
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-            return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+            return read_torch_checkpoint(path)
     raise FileNotFoundError(f"no {WEIGHTS_SAFETENSORS}, {WEIGHTS_BIN} or .pt file in {folder!r}")
+
+
+def read_torch_checkpoint(path: str, what: str = "") -> dict:
+    """``{key: np.ndarray}`` (floating tensors as float32) of a PyTorch ``.bin`` / ``.pt`` state dict, loaded
+    with ``weights_only=True``; needs torch (ImportError naming the file otherwise)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{what + ': ' if what else ''}{path} is a PyTorch checkpoint; install torch or convert "
+                          "it to safetensors") from e
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
 
 
 def _class_of(cfg: dict, folder: str, allowed: tuple, loader: str) -> str:
