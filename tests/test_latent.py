@@ -38,6 +38,7 @@ def ae_run(data_dir, tmp_path_factory):  # noqa: F811
     return workdir
 
 
+@pytest.mark.slow      # a latent diffusion training run end to end (~2-4 min on 2 cores): make test-slow
 def test_latent_diffusion_trains_on_scaled_latents_and_samples_decode(tmp_path, data_dir, ae_run):  # noqa: F811
     from jaxdiff.parallel import make_mesh
     from jaxdiff.train_lib.experiment import build_experiment

@@ -187,6 +187,8 @@ def test_prediction_kinds_give_the_same_samples(kind):
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow      # 8 compilations and 4 reference ODE solves (~1-2 min on 2 cores); the VP-continuous
+# convergence orders stay in the default suite (test_convergence_order)
 def test_other_processes_converge():
     """EDM, flow and discrete VP processes: UniPC-3 error to the exact ODE endpoint falls by > 4x from 15 to
     30 steps and is below 2e-3 at 30."""
