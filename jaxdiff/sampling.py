@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff.nn.sharding import batch_sharding
-from jaxdiff.solvers import SOLVERS, make_solver, sample
+from jaxdiff.solvers import make_solver, sample
 from jaxdiff.timesteps import GRIDS, make_grid
 
 OPTIMIZED_SOLVERS = ("dpm_solver++", "unipc")
@@ -96,19 +96,31 @@ def make_denoiser(apply: Callable[..., jax.Array], params: Any, process) -> Call
     return denoiser
 
 
-def time_grid(process, grid: str, steps: int, solver: str = "dpm_solver++", order: int | None = None) -> np.ndarray:
-    """``(steps+1,)`` float64 times: a hand-made grid by name, or ``"optimized"`` (Xue et al.; cached
-    grids, optimized on a miss) for the multistep solvers in ``OPTIMIZED_SOLVERS``."""
+def check_grid_request(grid: str, steps: int, solver: str) -> None:
+    """ValueError unless ``steps`` is a positive integer and ``grid`` names a grid ``solver`` can use: one of
+    ``GRID_NAMES`` (``"optimized"`` for ``OPTIMIZED_SOLVERS`` only) or ``"learned:PATH"`` of a readable file."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"sampling steps must be a positive integer, got {steps!r}")
+    if grid.startswith(LEARNED_PREFIX):
+        learned_grid_steps(grid)     # the file exists and is a learned grid
+    elif grid not in GRID_NAMES:
+        raise ValueError(f"unknown time grid {grid!r}; choose one of {list(GRID_NAMES)} or "
+                         f"'{LEARNED_PREFIX}PATH' (a grid learned with jaxdiff.solvers.learn_grid)")
+    if grid == "optimized" and solver not in OPTIMIZED_SOLVERS:
+        raise ValueError(f"grid 'optimized' exists for solvers {OPTIMIZED_SOLVERS}, not {solver!r}")
+
+
+def time_grid(process, grid: str, steps: int, solver: str = "dpm_solver++", order: int | None = None) -> np.ndarray:
+    """``(steps+1,)`` float64 times: a hand-made grid by name, or ``"optimized"`` (Xue et al.; cached
+    grids, optimized on a miss) for the multistep solvers in ``OPTIMIZED_SOLVERS``. (A learned grid needs
+    the solver object: :func:`load_learned_grid`.)"""
+    check_grid_request(grid, steps, solver)
+    if grid.startswith(LEARNED_PREFIX):
+        raise ValueError("a learned grid is checked against the solver object: use load_learned_grid")
     if grid == "optimized":
-        if solver not in OPTIMIZED_SOLVERS:
-            raise ValueError(f"grid 'optimized' exists for solvers {OPTIMIZED_SOLVERS}, not {solver!r}")
         from jaxdiff.timesteps.cache import optimized_grid
         order = order or (2 if solver == "dpm_solver++" else 3)
         return np.asarray(optimized_grid(process, solver, order, steps), np.float64)
-    if grid not in GRIDS:
-        raise ValueError(f"unknown time grid {grid!r}; choose one of {list(GRID_NAMES)}")
     return np.asarray(make_grid(grid, process, steps), np.float64)
 
 
@@ -143,31 +155,19 @@ class SamplerSettings:
     guidance_scale: float | None = None
 
     def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}; choose one of {sorted(SOLVERS)}")
         if not isinstance(self.solver_kwargs, Mapping):
             raise ValueError(f"solver_kwargs must be a dict, got {self.solver_kwargs!r}")
         object.__setattr__(self, "solver_kwargs", dict(self.solver_kwargs))
-        if self.grid.startswith(LEARNED_PREFIX):
-            learned_grid_steps(self.grid)     # the file exists and is a learned grid
-        elif self.grid not in GRID_NAMES:
-            raise ValueError(f"unknown time grid {self.grid!r}; choose one of {list(GRID_NAMES)} or "
-                             f"'{LEARNED_PREFIX}PATH' (a grid learned with jaxdiff.solvers.learn_grid)")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
-            raise ValueError(f"sampling steps must be a positive integer, got {self.steps!r}")
+        solver = self.make_solver()           # the solver's name and options
+        check_grid_request(self.grid, self.steps, self.solver)
         g = self.guidance_scale
         if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g)):
             raise ValueError(f"guidance_scale must be a finite number or None, got {g!r}")
-        if self.grid == "optimized" and self.solver not in OPTIMIZED_SOLVERS:
-            raise ValueError(f"grid 'optimized' exists for solvers {OPTIMIZED_SOLVERS}, not {self.solver!r}")
-        self.make_solver().validate(int(self.steps))   # the solver's own options and step count, checked now
+        solver.validate(int(self.steps))      # the step count the solver can run, checked now
 
     def make_solver(self):
-        """The solver object (raises ValueError naming a bad option)."""
-        try:
-            return make_solver(self.solver, **self.solver_kwargs)
-        except TypeError as e:
-            raise ValueError(f"bad solver_kwargs {self.solver_kwargs} for solver {self.solver!r}: {e}") from None
+        """The solver object (``jaxdiff.solvers.make_solver``: ValueError naming an unknown name or option)."""
+        return make_solver(self.solver, **self.solver_kwargs)
 
     @classmethod
     def resolve(cls, defaults: Mapping[str, Any], *, solver: str | None = None,
