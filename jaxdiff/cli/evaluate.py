@@ -43,42 +43,51 @@ import numpy as np
 from jaxdiff import cli
 
 
-def evaluate_model(args) -> dict:
-    """Sample ``args.num`` images from ``--workdir`` or ``--diffusers`` and score them."""
+def _scorer(args, image_shape):
+    """Build the extractor and read the reference for images ``(H, W, C)`` (both checked before any sampling);
+    returns ``score(chunks, num) -> dict`` (``jaxdiff.evaluation.score_chunks`` with the command line's options)."""
     from jaxdiff import evaluation as ev
-    from jaxdiff.sampling import Sampler, make_labels, sample_chunks
-    if args.num < 2:
-        raise ev.EvalError(f"--num must be >= 2, got {args.num}")
-    model, mesh = cli.load_model(args)
-    size, _, ch = model.image_shape
+    size, _, ch = image_shape
     extractor = ev.build_extractor(args.features, image_size=size, channels=ch,
                                    inception_weights=args.inception_weights)
-    reference = ev.load_reference(extractor, args.ref_stats, args.ref_features)   # checked before sampling
+    reference = ev.load_reference(extractor, args.ref_stats, args.ref_features)
+
+    def score(chunks, num: int) -> dict:
+        return ev.score_chunks(chunks, num, extractor, batch=args.batch, reference=reference, clip=args.clip,
+                               range_tolerance=args.range_tolerance, kid_subsets=args.kid_subsets,
+                               kid_subset_size=args.kid_subset_size, k=args.k, seed=args.seed,
+                               progress=not args.quiet)
+    return score
+
+
+def _record(args, num: int, image_shape) -> dict:
+    return {"num": num, "image_size": image_shape[0], "channels": image_shape[2], "ref_stats": args.ref_stats,
+            "ref_features": args.ref_features}
+
+
+def evaluate_model(args) -> dict:
+    """Sample ``args.num`` images from ``--workdir`` or ``--diffusers`` and score them."""
+    import jax
+
+    from jaxdiff.evaluation import EvalError
+    from jaxdiff.sampling import Sampler, make_labels, sample_chunks
+    if args.num < 2:
+        raise EvalError(f"--num must be >= 2, got {args.num}")
+    model, mesh = cli.load_model(args)
+    score = _scorer(args, model.image_shape)
     settings = cli.sampler_settings(model.defaults, args)
     labels = make_labels(args.labels, args.num, model.num_classes)
-    sampler = Sampler(model, settings, mesh)
-    chunks = sample_chunks(sampler, labels, args.num, args.seed, args.batch)
-    result = ev.score_chunks(chunks, args.num, extractor, batch=args.batch, reference=reference, clip=args.clip,
-                             range_tolerance=args.range_tolerance, kid_subsets=args.kid_subsets,
-                             kid_subset_size=args.kid_subset_size, k=args.k, seed=args.seed, progress=not args.quiet)
-    import jax
-    return {"checkpoint_step": model.step, "source": model.source, **settings.as_dict(), "num": args.num,
-            "seed": args.seed, "ema": not args.raw, "image_size": size, "channels": ch,
-            "ref_stats": args.ref_stats, "ref_features": args.ref_features, "devices": jax.device_count(), **result}
+    chunks = sample_chunks(Sampler(model, settings, mesh), labels, args.num, args.seed, args.batch)
+    return {"checkpoint_step": model.step, "source": model.source, **settings.as_dict(), "seed": args.seed,
+            "ema": not args.raw, "devices": jax.device_count(), **_record(args, args.num, model.image_shape),
+            **score(chunks, args.num)}
 
 
 def evaluate_file(args) -> dict:
     """Score the images of a ``samples.npz``."""
-    from jaxdiff import evaluation as ev
-    num, (size, _, ch), chunks = ev.npz_chunks(args.samples, args.batch)
-    extractor = ev.build_extractor(args.features, image_size=size, channels=ch,
-                                   inception_weights=args.inception_weights)
-    reference = ev.load_reference(extractor, args.ref_stats, args.ref_features)
-    result = ev.score_chunks(chunks, num, extractor, batch=args.batch, reference=reference, clip=args.clip,
-                             range_tolerance=args.range_tolerance, kid_subsets=args.kid_subsets,
-                             kid_subset_size=args.kid_subset_size, k=args.k, seed=args.seed, progress=not args.quiet)
-    return {"source": args.samples, "num": num, "image_size": size, "channels": ch, "ref_stats": args.ref_stats,
-            "ref_features": args.ref_features, **result}
+    from jaxdiff.evaluation import npz_chunks
+    num, shape, chunks = npz_chunks(args.samples, args.batch)
+    return {"source": args.samples, **_record(args, num, shape), **_scorer(args, shape)(chunks, num)}
 
 
 def _json_safe(v):
