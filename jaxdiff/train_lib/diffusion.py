@@ -42,8 +42,8 @@ class DiffusionExperiment:
     abstract_state: TrainState  # shapes and dtypes, no shardings
     state_shardings: TrainState
     num_params: int
+    sample_settings: SamplerSettings   # config.sample, checked when the experiment is built
     autoencoder: Any = None     # latent.FrozenAutoencoder for latent diffusion, else None
-    sample_settings: SamplerSettings | None = None
     _sampler: Sampler | None = None
 
     @property
@@ -143,14 +143,14 @@ def build_diffusion_experiment(config, mesh: Mesh) -> DiffusionExperiment:
         from jaxdiff.train_lib.latent import check_latent_config, load_frozen_autoencoder
         autoencoder = load_frozen_autoencoder(config.latent.autoencoder, config.data.image_size)
         check_latent_config(config, autoencoder)
-    exp = DiffusionExperiment(config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet_config(config),
-                              apply=make_apply(graphdef, rest), optimizer=optimizer, schedule=schedule,
-                              init_params=params, abstract_state=abstract, state_shardings=shardings,
-                              num_params=n, autoencoder=autoencoder)
     # the sampling settings are checked now (a bad solver, option, grid or step count fails before the first
     # training step); the sampler itself is built at the first sample grid
-    exp.sample_settings = SamplerSettings.resolve(config.sample)
-    if exp.sample_settings.guidance_scale is not None and not exp.unet.class_null:
+    settings = SamplerSettings.resolve(config.sample)
+    unet = unet_config(config)
+    if settings.guidance_scale is not None and not unet.class_null:
         raise ValueError("config key 'sample.guidance_scale' needs a model trained with label dropout (a null "
                          "class): set train.label_dropout > 0 or sample.guidance_scale=None")
-    return exp
+    return DiffusionExperiment(config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet,
+                               apply=make_apply(graphdef, rest), optimizer=optimizer, schedule=schedule,
+                               init_params=params, abstract_state=abstract, state_shardings=shardings,
+                               num_params=n, sample_settings=settings, autoencoder=autoencoder)
