@@ -95,7 +95,7 @@ def run_method(name, settings, mode, pre_state, prefix, data, loss_fn, evaluate,
         key = jax.random.fold_in(jax.random.key(seed), 100 + t)
         if name == "per_task_lora":      # every task from the pretrained weights; each concept keeps its own
             m = nnx.merge(graphdef, state)
-            tokens.append(fit_concept(m, prefix, data[digit], loss_fn, settings, key, mode="lora"))
+            tokens.append(fit_concept(m, prefix, data[digit], loss_fn, settings, key, mode="lora", w_init=w_init))
             stored.append(m)
         else:
             tokens.append(fit_concept(model, prefix, data[digit], loss_fn, settings, key, mode=mode,

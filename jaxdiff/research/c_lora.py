@@ -88,7 +88,9 @@ def fit_concept(model: UNet, prefix: jax.Array, images: np.ndarray, loss_fn: Cal
     k_init, k_tok, k_fit = jax.random.split(key, 3)
     if mode == "lora":
         add_lora(model, LoRASpec(targets=(KV_PATTERN,), rank=settings.rank), rngs=nnx.Rngs(int(jax.random.randint(k_init, (), 0, 2 ** 30))))
-        past = ({k: kernel - w_init[k] for k, kernel in kv_kernels(model).items()} if settings.lam > 0 else None)
+        # the past deltas are an argument of the compiled step even at lam = 0 (zeros without w_init), so
+        # sequential LoRA, C-LoRA and per-task LoRA share one compiled program
+        past = {k: kernel - (w_init[k] if w_init is not None else kernel) for k, kernel in kv_kernels(model).items()}
         graphdef, train, frozen = nnx.split(model, LORA_PARAMS, ...)
     else:
         graphdef, train, frozen = nnx.split(model, _trainable_kv, ...)
