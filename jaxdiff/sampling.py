@@ -51,6 +51,8 @@ class SamplingModel:
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
       step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
+      encode_prompts: text-conditioned models: ``encode_prompts(prompts: list[str]) -> context (N, S, D)``
+        (tokenizer + text encoder with this model's parameters; the empty prompt is the unconditional context).
     """
 
     apply: Callable[..., jax.Array]
@@ -66,6 +68,7 @@ class SamplingModel:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
+    encode_prompts: Callable[[Any], np.ndarray] | None = None
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
