@@ -15,6 +15,7 @@ from jaxdiff.train_lib import checkpoint as ckpt
 from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib.ae_experiment import build_autoencoder_experiment
 from jaxdiff.train_lib.diffusion import build_diffusion_experiment
+from jaxdiff.train_lib.lora_experiment import build_lora_experiment
 
 
 class Experiment(Protocol):
@@ -62,6 +63,7 @@ def _build_diffusion(config, mesh: Mesh) -> Experiment:
 TASKS: dict[str, Callable[[Any, Mesh], Experiment]] = {
     "diffusion": _build_diffusion,
     "autoencoder": build_autoencoder_experiment,
+    "lora": build_lora_experiment,
 }
 
 
