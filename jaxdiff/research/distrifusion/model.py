@@ -104,6 +104,10 @@ class PatchParallelUNet:
         graphdef, params, rest = split_model(unet)
         return cls(graphdef, rest, params, config, **kw)
 
+    def _param_shapes(self):
+        """The parameters the layer check was made with (a pure dict; used for their shapes only)."""
+        return nnx.to_pure_dict(nnx.state(self._unet, nnx.Param))
+
     # -- the sharded forward -------------------------------------------------------------------------------
     def check_shape(self, x_shape) -> None:
         """ValueError unless ``x (B, H, W, C)`` rows split into the configured patches at every level."""
@@ -146,8 +150,7 @@ class PatchParallelUNet:
         """The displaced mode's state (the exchanged tensors of one step) as ``ShapeDtypeStruct`` s, in the global
         view ``(N, ...)`` per entry, for inputs ``(batch, *shape)``, ``shape = (H, W, C)``."""
         c = self._unet.config
-        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                              nnx.to_pure_dict(nnx.state(self._unet, nnx.Param)))
+        params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self._param_shapes())
         x = jax.ShapeDtypeStruct((batch,) + tuple(shape), jnp.float32)
         t = jax.ShapeDtypeStruct((batch,), jnp.float32)
         if self.condition == "context":

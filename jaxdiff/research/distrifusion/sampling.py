@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
 from jaxdiff.research.distrifusion.model import DistriConfig, PatchParallelUNet
 from jaxdiff.sampling import SamplingModel
 
@@ -25,4 +28,5 @@ def patch_parallel_sampling_model(model: SamplingModel, config: DistriConfig, de
     pp = PatchParallelUNet(graphdef, model.apply.rest, model.params, config, condition=model.apply.condition,
                            devices=devices)
     pp.check_shape((1,) + tuple(model.shape))
-    return dataclasses.replace(model, apply=pp)
+    params = jax.device_put(model.params, NamedSharding(pp.mesh, PartitionSpec()))   # replicated on the patches
+    return dataclasses.replace(model, apply=pp, params=params)
