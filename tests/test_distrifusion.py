@@ -112,3 +112,46 @@ def test_sampler_sync_and_displaced_through_sample(solver):
     np.testing.assert_allclose(out["all_warm"], ref, atol=1e-4)
     err = {k: float(np.mean((out[k] - ref) ** 2)) for k in ("displaced", "naive")}
     assert 1e-10 < err["displaced"] < err["naive"], err
+
+
+def test_exchange_log_and_bytes():
+    """Every 3x3 conv but the first exchanges two halo rows, every self-attention its K/V, every GroupNorm its
+    moments; the bytes follow the ring formulas; patch parallelism moves less than tensor parallelism."""
+    from jaxdiff.research.distrifusion.comm import bytes_per_step, exchange_log
+    unet = _perturbed_unet(ADM)
+    n = 4
+    pp = PatchParallelUNet.from_module(unet, DistriConfig(patches=n))
+    log = exchange_log(pp, 1, (16, 8, 2))
+    modules = [m for _, m in nnx.iter_modules(unet)]
+    convs = [m for m in modules if isinstance(m, Conv2d) and m.kernel.shape[0] == 3]
+    kinds = [e[0] for e in log]
+    assert kinds.count("halo") == 2 * (len(convs) - 1)
+    attentions = sum(type(m).__name__ == "SpatialSelfAttention" for m in modules)
+    assert kinds.count("kv") == attentions >= 3
+    assert kinds.count("group_norm") == sum(type(m).__name__ == "GroupNorm" for m in modules)
+    b = bytes_per_step(log, n)
+    kv = [e for e in log if e[0] == "kv"][0]
+    assert kv[2] == (1, (16 // 2 // n) * (8 // 2), 2 * 16)      # (B, tokens of a patch at 8x4, 2 x inner)
+    assert b["kv"] == attentions * (n - 1) * int(np.prod(kv[2])) * 4
+    assert b["output"] == (n - 1) * 1 * (16 // n) * 8 * 2 * 4
+    assert b["patch_parallel"] == b["halo"] + b["kv"] + b["group_norm"] + b["output"] < b["tp"]
+
+
+@pytest.mark.slow
+def test_hlo_displaced_branch_defers_exchanges():
+    """In the compiled displaced step only the output all-gather feeds the model output; in the warm-up branch
+    every exchange does."""
+    from jaxdiff.research.distrifusion.comm import hlo_collectives
+    unet = _perturbed_unet(ADM)
+    pp = PatchParallelUNet.from_module(unet, DistriConfig(patches=2, mode="displaced", warmup=1))
+
+    def step(params, x, t, labels):
+        return pp.start(x.shape[0], x.shape[1:])(params, x, t, labels)
+
+    text = jax.jit(step).lower(_params(unet), jnp.zeros((1, 16, 8, 2)), jnp.ones((1,)),
+                               jnp.zeros((1,), jnp.int32)).compile().as_text()
+    branches = hlo_collectives(text)["branches"]
+    assert len(branches) == 2
+    feeding = sorted((b["feeding_output"], b["total"]) for b in branches)
+    assert feeding[0][0] == 1 and feeding[0][1] > 10          # displaced: only the output gather is waited for
+    assert feeding[1][0] == feeding[1][1] > 10                  # warm-up: all of them
