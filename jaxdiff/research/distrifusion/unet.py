@@ -17,6 +17,7 @@ from jaxdiff.nn.attention import (Attention, GEGLUFeedForward, SpatialSelfAttent
                                   TransformerBlock)
 from jaxdiff.nn.embeddings import TimestepEmbedding, timestep_embedding
 from jaxdiff.nn.layers import Conv2d, Dense, Downsample2D, Embed, GroupNorm, LayerNorm, Upsample2D
+from jaxdiff.nn.lora import LoRADense
 from jaxdiff.nn.resnet import ResnetBlock2D
 from jaxdiff.nn.unet import UNet
 from jaxdiff.nn.unet_blocks import DownBlock, MidBlock, UpBlock
@@ -25,7 +26,8 @@ from jaxdiff.research.distrifusion.ops import PatchComm, first_conv, halo_conv, 
 # Every module type the walk handles: spatial ones get a patch version, the rest act per pixel / token.
 COVERED = (UNet, DownBlock, MidBlock, UpBlock, ResnetBlock2D, SpatialSelfAttention, Transformer2D,
            TransformerBlock, Attention, GEGLUFeedForward, Conv2d, GroupNorm, Downsample2D, Upsample2D,
-           TimestepEmbedding, Dense, Embed, LayerNorm, nnx.Dropout, nnx.List)
+           TimestepEmbedding, Dense, Embed, LayerNorm, nnx.Dropout, nnx.List,
+           LoRADense, nnx.LoRA)      # linear adapters act per token (adapters on 3x3 convs are not covered)
 
 
 def check_covered(unet: nnx.Module) -> None:
@@ -33,12 +35,13 @@ def check_covered(unet: nnx.Module) -> None:
     a subclass may compute something else)."""
     if type(unet) is not UNet:
         raise ValueError(f"patch parallelism covers jaxdiff.nn.unet.UNet, got {type(unet).__name__}")
-    for path, module in nnx.iter_modules(unet):
-        if type(module) not in COVERED:
-            name = "/".join(str(p) for p in path)
-            raise ValueError(f"patch parallelism does not cover the layer {name} of type "
-                             f"{type(module).__module__}.{type(module).__name__}: its spatial behaviour is "
-                             "unknown (covered: " + ", ".join(t.__name__ for t in COVERED) + ")")
+    bad = sorted(((tuple(path), type(m)) for path, m in nnx.iter_modules(unet) if type(m) not in COVERED),
+                 key=lambda pm: len(pm[0]))
+    if bad:                                   # the outermost unknown layer (not a piece inside it)
+        path, kind = bad[0]
+        raise ValueError(f"patch parallelism does not cover the layer {'/'.join(str(p) for p in path)} of type "
+                         f"{kind.__module__}.{kind.__name__}: its spatial behaviour is unknown (covered: "
+                         + ", ".join(t.__name__ for t in COVERED) + ")")
 
 
 def check_rows(unet: UNet, height: int, patches: int) -> None:
