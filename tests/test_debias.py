@@ -244,3 +244,19 @@ def test_quota_targets_follow_the_reference():
     t = np.asarray(db.quota_targets(jnp.array([0.3, 0.7]), 10))
     assert t.tolist() == [0] * 3 + [1] * 7
     assert np.bincount(np.asarray(db.quota_targets(jnp.array([0.2, 0.5, 0.3]), 100)), minlength=3).tolist() == [20, 50, 30]
+
+
+def test_pseudo_labels_from_the_digits_classifier_and_stroke_thickness():
+    from jaxdiff.data.digits import load_digits_arrays
+    images, labels = load_digits_arrays("test", 16)
+    keep = np.isin(labels, (0, 1))
+    x = images[keep].astype(np.float32) / 127.5 - 1.0
+    pseudo, conf = db.digit_class_labels(x, (0, 1))
+    assert np.mean(pseudo == labels[keep]) > 0.95 and np.median(conf) > 0.9
+    with pytest.raises(ValueError, match="at least two distinct digits"):
+        db.digit_class_labels(x, (3, 3))
+    thin = -np.ones((2, 16, 16, 1), np.float32)
+    thin[:, 2:14, 7:8] = 1.0                     # a 1-pixel stroke
+    thick = -np.ones((2, 16, 16, 1), np.float32)
+    thick[:, 2:14, 5:10] = 1.0                   # a 5-pixel stroke
+    assert db.stroke_thickness_labels(np.concatenate([thin, thick]), 1.5).tolist() == [0, 0, 1, 1]
