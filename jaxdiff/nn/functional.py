@@ -44,4 +44,5 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "lab
         if condition == "context":
             return model(x, model_time, labels, **hooks)
         return model(x, model_time, labels=labels, **hooks)
+    apply.graphdef, apply.rest, apply.condition = graphdef, rest, condition   # to rebuild the module elsewhere
     return apply
