@@ -21,7 +21,7 @@ def default_config() -> ConfigDict:
     """Every key a training config may have, with defaults (a small class-conditional pixel model)."""
     c = ConfigDict()
     c.seed = 0
-    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion)
+    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "sadm"
 
     c.data = ConfigDict(dict(
         name="digits/16",        # any TFDS image dataset prepared as array_record, or the embedded digits
@@ -71,6 +71,14 @@ def default_config() -> ConfigDict:
         disc_lr=None,            # None: optim.lr
         scale_images=1024,       # training images encoded to measure the latent scale factor
     ))
+    c.sadm = ConfigDict(dict(            # task="sadm" only (jaxdiff/research/sadm, docs/sadm.md)
+        weight=0.1,              # weight of the structural distance in the denoiser's loss (0: DSM only)
+        temperature=0.1,         # temperature of the cosine affinities
+        start=0,                 # first step with the structural term and discriminator updates
+        disc_lr=None,            # None: optim.lr
+        disc_channels=16,        # the structure discriminator's encoder (a PatchGAN, flattened)
+        disc_layers=1,
+    ))
     c.latent = ConfigDict(dict(          # latent diffusion: train on a frozen autoencoder's latents
         autoencoder=None,        # workdir of a finished task="autoencoder" run; None = pixel diffusion
         size=None,               # latent height/width (image_size / f), checked against the autoencoder
@@ -101,7 +109,7 @@ def _keys(cfg: ConfigDict) -> list[str]:
     return sorted(cfg.keys())
 
 
-TASKS = ("diffusion", "autoencoder")
+TASKS = ("diffusion", "autoencoder", "sadm")   # "sadm" is built by jaxdiff.research.sadm
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
@@ -137,7 +145,7 @@ NULLABLE = {"data.label_key", "model.num_classes", "model.mid_attention", "optim
 OPTIONAL_TYPES = {
     "data.data_dir": (str,), "train.peak_tflops": (int, float), "sample.guidance_scale": (int, float),
     "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
-    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float),
+    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "sadm.disc_lr": (int, float),
 }
 
 
@@ -227,12 +235,15 @@ def check_values(c: ConfigDict) -> None:
                      ("train.grad_accum", 1), ("train.log_every", 1), ("train.sample_every", 0),
                      ("checkpoint.every", 1), ("checkpoint.keep", 1), ("optim.warmup_steps", 0),
                      ("model.layers_per_block", 1), ("model.norm_num_groups", 1), ("sample.steps", 1),
-                     ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1)]:
+                     ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1),
+                     ("sadm.start", 0), ("sadm.disc_channels", 1), ("sadm.disc_layers", 1)]:
         _check_range(key, _get(c, key), low)
-    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops"):
+    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops", "sadm.temperature",
+                "sadm.disc_lr"):
         _check_range(key, _get(c, key), 0, low_open=True)
     for key in ("optim.weight_decay", "optim.end_lr_factor", "optim.clip_norm", "autoencoder.kl_weight",
-                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight"):
+                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight",
+                "sadm.weight"):
         _check_range(key, _get(c, key), 0)
     for key in ("optim.b1", "optim.b2"):
         _check_range(key, _get(c, key), 0, 1, high_open=True)
@@ -248,7 +259,7 @@ def check_values(c: ConfigDict) -> None:
         channels = _get(c, key)
         if not channels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in channels):
             raise ValueError(f"config key {key!r} must be a non-empty tuple of positive ints, got {channels!r}")
-    if c.task == "diffusion":
+    if c.task in ("diffusion", "sadm"):
         try:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:
