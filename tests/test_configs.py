@@ -25,6 +25,7 @@ EXPECTED_PARAMS = {
     "ae_digits": (1e5, 2e6),         # f4 KL autoencoder on 32x32 digits (task="autoencoder")
     "ae_photos": (1e5, 2e6),         # the same on 32x32 photo crops
     "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
+    "sadm_digits": (1e5, 2e6),       # the digits UNet, trained with a structure discriminator (task="sadm")
 }
 
 
