@@ -26,6 +26,7 @@ EXPECTED_PARAMS = {
     "ae_photos": (1e5, 2e6),         # the same on 32x32 photo crops
     "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
     "text_digits": (1e5, 2e6),       # text-conditioned 16x16 UNet + its small text transformer
+    "sadm_digits": (1e5, 2e6),       # the digits UNet, trained with a structure discriminator (task="sadm")
 }
 
 

@@ -21,7 +21,7 @@ def default_config() -> ConfigDict:
     """Every key a training config may have, with defaults (a small class-conditional pixel model)."""
     c = ConfigDict()
     c.seed = 0
-    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "lora"
+    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "lora" | "sadm"
 
     c.data = ConfigDict(dict(
         name="digits/16",        # any TFDS image dataset prepared as array_record, or the embedded digits
@@ -72,6 +72,14 @@ def default_config() -> ConfigDict:
         disc_layers=2,
         disc_lr=None,            # None: optim.lr
         scale_images=1024,       # training images encoded to measure the latent scale factor
+    ))
+    c.sadm = ConfigDict(dict(            # task="sadm" only (jaxdiff/research/sadm, docs/sadm.md)
+        weight=0.1,              # weight of the structural distance in the denoiser's loss (0: DSM only)
+        temperature=0.1,         # temperature of the cosine affinities
+        start=0,                 # first step with the structural term and discriminator updates
+        disc_lr=None,            # None: optim.lr
+        disc_channels=16,        # the structure discriminator's encoder (a PatchGAN, flattened)
+        disc_layers=1,
     ))
     c.latent = ConfigDict(dict(          # latent diffusion: train on a frozen autoencoder's latents
         autoencoder=None,        # workdir of a finished task="autoencoder" run; None = pixel diffusion
@@ -125,7 +133,7 @@ def _keys(cfg: ConfigDict) -> list[str]:
     return sorted(cfg.keys())
 
 
-TASKS = ("diffusion", "autoencoder", "lora")
+TASKS = ("diffusion", "autoencoder", "lora", "sadm")   # "sadm" is built by jaxdiff.research.sadm
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
@@ -163,7 +171,7 @@ OPTIONAL_TYPES = {
     "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
     "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float),
     "data.caption_key": (str,), "model.cross_attention_dim": (int,), "text.encoder": (str,),
-    "lora.base": (str,), "lora.alpha": (int, float),
+    "lora.base": (str,), "lora.alpha": (int, float), "sadm.disc_lr": (int, float),
 }
 
 
@@ -255,12 +263,15 @@ def check_values(c: ConfigDict) -> None:
                      ("model.layers_per_block", 1), ("model.norm_num_groups", 1), ("sample.steps", 1),
                      ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1),
                      ("model.cross_attention_dim", 1), ("text.max_length", 3), ("text.width", 1),
-                     ("text.layers", 1), ("text.heads", 1), ("text.mlp_dim", 1), ("text.clip_skip", 0)]:
+                     ("text.layers", 1), ("text.heads", 1), ("text.mlp_dim", 1), ("text.clip_skip", 0),
+                     ("sadm.start", 0), ("sadm.disc_channels", 1), ("sadm.disc_layers", 1)]:
         _check_range(key, _get(c, key), low)
-    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops"):
+    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops", "sadm.temperature",
+                "sadm.disc_lr"):
         _check_range(key, _get(c, key), 0, low_open=True)
     for key in ("optim.weight_decay", "optim.end_lr_factor", "optim.clip_norm", "autoencoder.kl_weight",
-                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight"):
+                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight",
+                "sadm.weight"):
         _check_range(key, _get(c, key), 0)
     for key in ("optim.b1", "optim.b2"):
         _check_range(key, _get(c, key), 0, 1, high_open=True)
@@ -286,7 +297,7 @@ def check_values(c: ConfigDict) -> None:
                              "workdir or a diffusers folder")
         from jaxdiff.nn.lora import LoRASpec
         LoRASpec(targets=tuple(c.lora.targets), rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout).check()
-    if c.task in ("diffusion", "lora"):
+    if c.task in ("diffusion", "lora", "sadm"):
         try:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:
