@@ -52,8 +52,16 @@ class Experiment(Protocol):
         """End-of-training work (e.g. the latent scale factor); returns scalars to log."""
 
 
+def _build_diffusion(config, mesh: Mesh) -> Experiment:
+    """Diffusion: text-conditioned (``config.text.encoder`` set, ``train_lib.text_diffusion``) or not."""
+    if config.text.encoder is not None:
+        from jaxdiff.train_lib.text_diffusion import build_text_diffusion_experiment
+        return build_text_diffusion_experiment(config, mesh)
+    return build_diffusion_experiment(config, mesh)
+
+
 TASKS: dict[str, Callable[[Any, Mesh], Experiment]] = {
-    "diffusion": build_diffusion_experiment,
+    "diffusion": _build_diffusion,
     "autoencoder": build_autoencoder_experiment,
     "lora": build_lora_experiment,
 }
