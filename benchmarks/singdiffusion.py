@@ -189,7 +189,7 @@ def report(args) -> None:
              f"Measured on {meta['machine']}, about 30 other processes sharing its 2 cores; {meta['date']}; "
              "one process per training seed, `python benchmarks/singdiffusion.py "
              + "`, `".join(f"--train-seeds {' '.join(map(str, run['meta']['args']['train_seeds']))} --solvers "
-                           f"{' '.join(run['meta']['args']['solvers'])}" for run in runs)
+                           f"{' '.join(repr(v) for v in run['meta']['args']['solvers'])}" for run in runs)
              + "` (models cached in `--cache`), then `--report`.", "",
              f"Setup: 16x16 digits composited with class-dependent brightness (even classes dark, odd bright, "
              f"background level U(0.6, 1.0)); data mean |brightness| {meta['data_abs_brightness']:.3f}, "
@@ -203,7 +203,8 @@ def report(args) -> None:
              f"seeds {a['sample_seeds']}; training seeds {sorted({r['train_seed'] for r in rows if 'train_seed' in r})}.",
              "", "W1: 1-Wasserstein distance between per-image mean brightness of samples and of the training data, "
              "per class, averaged over the 10 classes. Shift: mean |brightness| of samples minus the data's, per class "
-             "averaged (negative = too grey). FD: Frechet distance in the shipped digits classifier's 64-d feature "
+             "averaged (negative = too grey; a too-wide spread inflates it, so the signed shift toward each class's "
+             "polarity further down is the measure of greyness). FD: Frechet distance in the shipped digits classifier's 64-d feature "
              "space against the 360 composited test images (not Inception FID). Mean ± std over all "
              "(training seed, sampling seed) pairs.", "",
              "Samples are clipped to [-1, 1] (the images as written) before measuring; the unclipped columns "
@@ -224,7 +225,7 @@ def report(args) -> None:
     lines += ["", f"Expected from the Gaussian model of the brightness component (class mean m = {m_b:.3f}, "
               f"within-class std s = {sd_b:.3f}, D = 256 pixels): a perfect base sampled from zero-mean noise "
               f"lands s alpha_T m / sqrt(alpha_T^2 s^2 + sigma_T^2 / D) = {predicted:.3f} toward grey "
-              "(the W1 floor of that base); with the exact module the shift is 0."]
+              "(about the W1 such a perfect base would still have); with the exact module the shift is 0."]
     lines += ["", "## Verdict (computed from the table)", ""]
     by = {(r["solver"], r["variant"]): r for r in summary}
     for solver in dict.fromkeys(r["solver"] for r in summary):
