@@ -39,6 +39,7 @@ is run once per recorded state on the grid truncated there (its own result, ~3x 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, Callable, NamedTuple
@@ -107,8 +108,10 @@ class SeedSelectResult(NamedTuple):
     """What :meth:`SeedSelect.run` returns (numpy).
 
     seeds: (B, *model.shape) the optimised x_T. images: (B, *image_shape) their samples (clipped to [-1, 1]).
-    done: (B,) bool, whether ``done_fn`` held at the end (all True without a ``done_fn``... see ``iterations``).
-    iterations: (B,) int, optimizer steps taken before the seed was done (``config.iterations`` if never).
+    done: (B,) bool: with early stop, the seeds frozen because ``done_fn`` held; without, whether it holds for
+      the final seeds (all False without a ``done_fn``).
+    iterations: (B,) int, updates before ``done_fn`` first held (0: the start seed already passed;
+      ``config.iterations`` if never).
     losses: (iterations + 1, B) total loss at each evaluated iterate (NaN after a seed was frozen).
     seconds_per_iteration: mean wall time of one compiled iteration (batch of B), compilation excluded.
     compile_seconds: the first iteration's wall time (tracing + compilation + one run).
@@ -208,13 +211,6 @@ class SeedSelect:
         if model.context_shape is not None:
             raise ValueError("SeedSelect: context-conditioned (text) models are not supported here; "
                              "use a class-conditional or unconditional model")
-        image_shape = tuple(model.image_shape)
-        refs = np.asarray(references, np.float32)
-        if refs.ndim != 1 + len(image_shape) or tuple(refs.shape[1:]) != image_shape or refs.shape[0] < 1:
-            raise ValueError(f"SeedSelect: reference images must have shape (k, {', '.join(map(str, image_shape))}) "
-                             f"with k >= 1 (the model's images), got {refs.shape}")
-        if not np.all(np.isfinite(refs)):
-            raise ValueError("SeedSelect: reference images contain non-finite values")
         if model.num_classes:
             if label is None or isinstance(label, bool) or not 0 <= int(label) < model.num_classes:
                 raise ValueError(f"SeedSelect: a class-conditional model needs label in [0, {model.num_classes}), "
@@ -239,20 +235,39 @@ class SeedSelect:
         if not isinstance(self.solver, ONE_STEP_SOLVERS) and shortest < getattr(self.solver, "order", 1):
             raise ValueError(f"SeedSelect: the semantic loss runs {settings.solver!r} on the grid truncated to "
                              f"{shortest} steps, fewer than its order {self.solver.order}: add steps")
-        self.key = key
+        self.key, self.appearance_encode = key, appearance_encode
         self.semantic_fn, self.done_fn = semantic_fn, done_fn
-        feats = jnp.asarray(semantic_fn(jnp.asarray(refs)))
-        if feats.ndim != 2 or feats.shape[0] != refs.shape[0]:
-            raise ValueError(f"SeedSelect: semantic_fn must map (k, ...) images to (k, F) features, got {feats.shape}")
-        # official: mean of the raw reference embeddings, then L2-normalised
-        self.semantic_target = _normalize(jnp.mean(feats.astype(jnp.float32), axis=0))
-        app = refs if appearance_encode is None else np.asarray(appearance_encode(jnp.asarray(refs)), np.float32)
-        if tuple(app.shape[1:]) != tuple(model.shape):
-            raise ValueError(f"SeedSelect: appearance references must be (k, {model.shape}) in the sampler's "
-                             f"output space, got {app.shape}")
-        self.appearance_target = jnp.asarray(app.mean(axis=0))
+        self.semantic_target, self.appearance_target = self._targets(references)
         self.optimizer = config.optimizer()
         self._step = jax.jit(self._iteration)
+
+    def _targets(self, references: Any) -> tuple[Array, Array]:
+        """``(semantic centroid (F,), appearance target (*model.shape))`` of reference images, checked."""
+        image_shape = tuple(self.model.image_shape)
+        refs = np.asarray(references, np.float32)
+        if refs.ndim != 1 + len(image_shape) or tuple(refs.shape[1:]) != image_shape or refs.shape[0] < 1:
+            raise ValueError(f"SeedSelect: reference images must have shape (k, {', '.join(map(str, image_shape))}) "
+                             f"with k >= 1 (the model's images), got {refs.shape}")
+        if not np.all(np.isfinite(refs)):
+            raise ValueError("SeedSelect: reference images contain non-finite values")
+        feats = jnp.asarray(self.semantic_fn(jnp.asarray(refs)))
+        if feats.ndim != 2 or feats.shape[0] != refs.shape[0]:
+            raise ValueError(f"SeedSelect: semantic_fn must map (k, ...) images to (k, F) features, got {feats.shape}")
+        # official: the mean of the raw reference embeddings, then L2-normalised
+        semantic = _normalize(jnp.mean(feats.astype(jnp.float32), axis=0))
+        enc = self.appearance_encode
+        app = refs if enc is None else np.asarray(enc(jnp.asarray(refs)), np.float32)
+        if tuple(app.shape[1:]) != tuple(self.model.shape):
+            raise ValueError(f"SeedSelect: appearance references must be (k, {self.model.shape}) in the sampler's "
+                             f"output space, got {app.shape}")
+        return semantic, jnp.asarray(app.mean(axis=0))
+
+    def with_references(self, references: Any) -> "SeedSelect":
+        """The same search toward other reference images ``(k, *model.image_shape)``, reusing the compiled
+        iteration (the targets are arguments of it, not constants)."""
+        other = copy.copy(self)
+        other.semantic_target, other.appearance_target = self._targets(references)
+        return other
 
     # --- the objective -------------------------------------------------------------------------------
     def _denoiser(self):
@@ -278,72 +293,80 @@ class SeedSelect:
         return tail_states(self._denoiser(), m.process, x_T, self.grid, len(self.config.semantic_weights),
                            solver=self.solver, prediction=m.prediction, key=self.key, **cond)
 
-    def losses(self, x_T: Array) -> tuple[Array, dict]:
-        """Per-seed loss ``(B,)`` and ``{"semantic": (B,), "appearance": (B,), "images": final images}``."""
+    def losses(self, x_T: Array, targets: tuple[Array, Array] | None = None) -> tuple[Array, dict]:
+        """Per-seed loss ``(B,)`` and ``{"semantic": (B,), "appearance": (B,), "images": final images}``;
+        ``targets``: ``(semantic centroid, appearance target)``, default this object's references'."""
+        c, a = (self.semantic_target, self.appearance_target) if targets is None else targets
         states = self.sample_tail(x_T)
         semantic = 0.0
         images = None
         for w, x in zip(self.config.semantic_weights, states):
             images = jnp.clip(self._images(x), -1.0, 1.0)      # official: (img / 2 + 0.5).clamp(0, 1)
             f = _normalize(self.semantic_fn(images).astype(jnp.float32))
-            semantic = semantic + w * (1.0 - f @ self.semantic_target)
+            semantic = semantic + w * (1.0 - f @ c)
         final = states[-1]
         axes = tuple(range(1, final.ndim))
-        appearance = jnp.mean((final - self.appearance_target) ** 2, axis=axes)
+        appearance = jnp.mean((final - a) ** 2, axis=axes)
         total = self.config.semantic_scale * semantic + self.config.appearance_scale * appearance
         return total, {"semantic": semantic, "appearance": appearance, "images": images}
 
-    def _iteration(self, x, opt_state, done):
-        """One iteration on the batch: loss, gradient, early-stop test; seeds done now or before keep their value."""
+    def _iteration(self, x, opt_state, frozen, targets, early_stop):
+        """One iteration on the batch: loss, gradient, the ``done_fn`` test of the current samples, update.
+        With ``early_stop`` a seed that passes the test (now or before) keeps its value."""
         def total(x):
-            per_seed, aux = self.losses(x)
+            per_seed, aux = self.losses(x, targets)
             return jnp.sum(per_seed), (per_seed, aux["images"])
         (_, (per_seed, images)), grad = jax.value_and_grad(total, has_aux=True)(x)
-        if self.done_fn is not None:
-            done = done | self.done_fn(images).astype(bool)
+        hit = jnp.zeros(x.shape[:1], bool) if self.done_fn is None else self.done_fn(images).astype(bool)
+        frozen = frozen | (hit & early_stop)
         updates, new_opt = self.optimizer.update(grad, opt_state, x)
         new_x = optax.apply_updates(x, updates)
-        keep = done.reshape((-1,) + (1,) * (x.ndim - 1))
+        keep = frozen.reshape((-1,) + (1,) * (x.ndim - 1))
         new_x = jnp.where(keep, x, new_x)
         new_opt = jax.tree.map(lambda n, o: jnp.where(keep, o, n) if n.shape == x.shape else n, new_opt, opt_state)
-        return new_x, new_opt, done, per_seed, images
+        return new_x, new_opt, frozen, hit, per_seed, images
 
     # --- the loop ------------------------------------------------------------------------------------
-    def run(self, x_T: Any) -> SeedSelectResult:
+    def run(self, x_T: Any, *, early_stop: bool = True) -> SeedSelectResult:
         """Optimise a batch of seeds ``x_T`` ``(B, *model.shape)`` (e.g. ``process.prior_sample``).
 
         Each iteration evaluates the loss of the current seeds, tests ``done_fn`` on their samples, and updates
-        the seeds not yet done; after ``config.iterations`` updates the final seeds are evaluated once more.
+        the seeds; after ``config.iterations`` updates the final seeds are evaluated once more. With a
+        ``done_fn`` and ``early_stop``, a seed is frozen at the first iterate that passes and the loop ends when
+        all have; without ``early_stop`` every seed takes every update (``iterations`` still records the first
+        pass). Both settings share one compiled iteration.
         """
         x = jnp.asarray(x_T, jnp.float32)
         if tuple(x.shape[1:]) != tuple(self.model.shape) or x.ndim != 1 + len(self.model.shape) or x.shape[0] < 1:
             raise ValueError(f"SeedSelect: seeds must have shape (B, {', '.join(map(str, self.model.shape))}), "
                              f"got {tuple(x.shape)}")
         b, n = x.shape[0], self.config.iterations
+        targets = (self.semantic_target, self.appearance_target)
+        stop = jnp.asarray(bool(early_stop) and self.done_fn is not None)
         opt_state = self.optimizer.init(x)
-        done = jnp.zeros((b,), bool)
-        iters = np.full((b,), n, np.int64)
+        frozen = jnp.zeros((b,), bool)
+        first = np.full((b,), n, np.int64)
+        ever = np.zeros((b,), bool)
         losses = np.full((n + 1, b), np.nan)
-        times, compile_s, images = [], 0.0, None
+        times, compile_s, images, hit = [], 0.0, None, np.zeros((b,), bool)
         for i in range(n + 1):
             t0 = time.perf_counter()
-            was_done = np.asarray(done)
-            new_x, new_opt, done, per_seed, images = self._step(x, opt_state, done)
-            per_seed = np.asarray(per_seed)      # waits for the step
+            was_frozen = np.asarray(frozen)
+            new_x, new_opt, frozen, hit, per_seed, images = self._step(x, opt_state, frozen, targets, stop)
+            per_seed, hit = np.asarray(per_seed), np.asarray(hit)      # waits for the step
             dt = time.perf_counter() - t0
             if i == 0:
                 compile_s = dt
             else:
                 times.append(dt)
-            losses[i] = np.where(was_done, np.nan, per_seed)
-            now = np.asarray(done)
-            iters[now & ~was_done] = i
-            if i == n or now.all():
+            losses[i] = np.where(was_frozen, np.nan, per_seed)
+            first[hit & ~ever] = i
+            ever |= hit
+            if i == n or np.asarray(frozen).all():
                 break
             x, opt_state = new_x, new_opt
-        if self.done_fn is None:
-            iters[:] = n
-        return SeedSelectResult(seeds=np.asarray(x), images=np.asarray(images), done=np.asarray(done),
-                                iterations=iters, losses=losses,
+        done = np.asarray(frozen) if bool(stop) else hit
+        return SeedSelectResult(seeds=np.asarray(x), images=np.asarray(images), done=done,
+                                iterations=first, losses=losses,
                                 seconds_per_iteration=float(np.mean(times)) if times else float("nan"),
                                 compile_seconds=compile_s)
