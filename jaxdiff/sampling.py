@@ -227,7 +227,10 @@ class Sampler:
         null = model.num_classes if model.class_null else None
 
         def run(params, x_T, labels, uncond, key):
-            denoiser = make_denoiser(model.apply, params, process)
+            apply = model.apply
+            if hasattr(apply, "start"):   # a network whose state rides from step to step (research.distrifusion)
+                apply = apply.start(x_T.shape[0] * (1 if guidance is None else 2), tuple(x_T.shape[1:]))
+            denoiser = make_denoiser(apply, params, process)
             if model.num_classes is None and not has_context:
                 cond = {}
             elif guidance is None:

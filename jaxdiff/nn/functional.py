@@ -41,4 +41,5 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "lab
         if condition == "context":
             return model(x, model_time, labels)
         return model(x, model_time, labels=labels)
+    apply.graphdef, apply.rest, apply.condition = graphdef, rest, condition   # to rebuild the module elsewhere
     return apply
