@@ -319,7 +319,13 @@ def write_markdown(path: str, meta: dict, rows: list[dict]) -> None:
         div_a=_mean(rows, "seedselect_no_early_stop", "diversity"),
         near_r=_mean(rows, "random", "nearest_reference_distance"),
         near_a=_mean(rows, "seedselect_no_early_stop", "nearest_reference_distance"),
-        it_e=_mean(rows, "seedselect", "iterations_mean"), never=never, total=len(rows) * meta["batch"],
+        it_e=_mean(rows, "seedselect", "iterations_mean"), never=never, n_cases=2 * len(rows),
+        n_better=sum(r[m]["svm_accuracy"] > r["random"]["svm_accuracy"] for r in rows for m in list(METHODS)[1:]),
+        n_worse=sum(r[m]["svm_accuracy"] < r["random"]["svm_accuracy"] for r in rows for m in list(METHODS)[1:]),
+        it_max=max(int(np.max([i for i in r["seedselect"]["iterations"] if i < meta["iterations"]] or [0]))
+                   for r in rows),
+        acc_loss_e=_mean(rows, "seedselect", "loss_classifier_accuracy"), svm_test_rare=real["svm_test_accuracy_rare"],
+        div_drop=100 * (1 - _mean(rows, "seedselect_no_early_stop", "diversity") / _mean(rows, "random", "diversity")), total=len(rows) * meta["batch"],
         shift_e=_mean(rows, "seedselect", "seed_shift_rms"), shift_a=_mean(rows, "seedselect_no_early_stop",
                                                                            "seed_shift_rms"),
         loss0=_mean(rows, "seedselect_no_early_stop", "loss_first"),
@@ -402,24 +408,31 @@ Per run seed (SVM accuracy). The fifth column samples the optimised seeds again 
 FINDINGS = """## Findings
 
 - **Accuracy on the rare digit** (SVM judge): random seeds {acc_r:.3f}, SeedSelect with early stop
-  {acc_e:.3f}, SeedSelect for all {iterations} iterations {acc_a:.3f}. The model trained on 1% of digit {rare}
-  still draws it correctly from most seeds, so the headroom is the remaining failures; SeedSelect closes
-  most or all of them. The claim holds here in direction.
-- **Iterations to success**: {it_e:.2f} updates per seed on average; seeds that start wrong mostly need one
-  or two updates at lr 0.1 (RMS change of the seed {shift_e:.3f} with early stop). {never} of {total} seeds
-  never reached the class within {iterations} iterations. This is far faster than the paper's ~30 iterations
-  on Stable Diffusion: a 10-class digit model has far fewer ways to be wrong.
+  {acc_e:.3f}, SeedSelect for all {iterations} iterations {acc_a:.3f}. The direction of the claim holds: the
+  optimised seeds give the rare digit more often than random ones ({n_better} of {n_cases} (run seed, variant)
+  pairs strictly better, {n_worse} worse). But the model trained
+  on 1% of digit {rare} still draws it correctly from most random seeds (the SVM accepts {svm_test_rare:.3f} of
+  real test {rare}s), so the rare concept is not "generated badly" in the paper's sense and the headroom is
+  only the remaining failures; this toy does not show the paper's large gap.
+- **Early stop trusts the loss's classifier**: the early-stopped samples are all accepted by the classifier
+  in the loss ({acc_loss_e:.3f}) but only {acc_e:.3f} by the independent SVM: a seed nudged until that classifier
+  agrees (RMS change {shift_e:.3f}) is not always a better digit. Running all {iterations} iterations, as the
+  official code does, gave {acc_a:.3f} on the SVM.
+- **Iterations to success**: {it_e:.2f} updates per seed on average; the seeds that started wrong needed at
+  most {it_max} update(s) at lr 0.1, and {never} of {total} seeds never reached the class within {iterations}
+  iterations. The paper reports ~30 iterations on Stable Diffusion; a 10-class digit model whose rare class is
+  already mostly right has far less to fix.
 - **Diversity**: random {div_r:.2f}, early stop {div_e:.2f}, all iterations {div_a:.2f} (real digits {rare}:
-  {div_real:.2f}). Stopping early keeps the diversity of the random seeds; running all iterations lowers it,
-  because the appearance loss pulls every sample toward the same mean reference image (distance to the
-  nearest reference {near_r:.2f} -> {near_a:.2f}; the samples move toward the references but do not copy
-  them). The loss falls from {loss0:.3f} to {loss1:.3f} over the {iterations} iterations, and the seeds move
-  by RMS {shift_a:.3f} (their std is 1).
+  {div_real:.2f}). Stopping early keeps the diversity of the random seeds; all iterations lower it by
+  {div_drop:.0f}%, because the appearance loss pulls every sample toward the same mean reference image
+  (distance to the nearest reference {near_r:.2f} -> {near_a:.2f}; closer to the references, not copies).
+  The paper claims diversity is kept; here it is kept only with the early stop. The loss falls from
+  {loss0:.3f} to {loss1:.3f} over the {iterations} iterations, with the seeds moving by RMS {shift_a:.3f} (their std is 1).
 - **Time**: {spi:.1f} s per iteration for {batch} seeds at once on the loaded 2-core CPU (20 DDIM steps
   forward and a rematerialised backward through all of them).
-- **Not reproduced**: the paper's bootstrapping speed-up (its procedure is not in the official code) and
-  any comparison with the paper's numbers; CLIP and the SD VAE are replaced by the digits classifier's
-  features and pixel space.
+- **Deviations and not reproduced**: no classifier-free guidance (official: 7.5) in either arm; CLIP and the
+  SD VAE are replaced by the digits classifier's features and pixel space; the paper's bootstrapping speed-up
+  (its procedure is not in the official code) is not implemented; no comparison with the paper's numbers.
 """
 
 
