@@ -51,6 +51,11 @@ class SamplingModel:
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
       step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
+      encode_prompts: text-conditioned models: ``encode_prompts(prompts: list[str]) -> context (N, S, D)``
+        (tokenizer + text encoder with this model's parameters; the empty prompt is the unconditional context).
+      start: optional first step, ``start(params, x_T (B,H,W,C), labels (B,) | context, t0) -> x at t0``: the
+        state at the grid's first time ``t0`` from the prior draw, taken inside the compiled program before
+        the solver (e.g. SingDiffusion's step from t = 1, ``jaxdiff.research.singdiffusion``); None: x_T.
     """
 
     apply: Callable[..., jax.Array]
@@ -66,6 +71,8 @@ class SamplingModel:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
+    encode_prompts: Callable[[Any], np.ndarray] | None = None
+    start: Callable[..., jax.Array] | None = None
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -239,6 +246,8 @@ class Sampler:
                 cond = dict(cond=labels, uncond=uncond, guidance_scale=guidance)
             else:
                 cond = dict(cond=labels, uncond=jnp.full_like(labels, null), guidance_scale=guidance)
+            if model.start is not None:
+                x_T = model.start(params, x_T, labels, grid[0])
             x = sample(denoiser, process, x_T, grid, solver=solver, prediction=prediction, key=key, **cond)
             if decode is None:
                 return x
