@@ -381,7 +381,7 @@ at toy scale.
   real digits {rare} (train + test): {div_real:.2f}. *Distance to nearest reference*: mean over samples of the
   L2 distance to the closest of the {refs} references (a copy would give ~0).
 - Run seeds 0..{seeds_minus_1}: each draws {batch} start noises, used for random seeds and for SeedSelect alike.
-  Machine: {machine}, shared with other jobs (load average 20-35 during the run), so times are upper
+  Machine: {machine}, shared with other jobs (load average 12-34 observed during the run), so times are upper
   bounds. {date}.
 
 ## Results (mean ± std over {seeds} run seeds of {batch} samples)
