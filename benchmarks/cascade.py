@@ -3,7 +3,7 @@ base model at 8x8 plus a super-resolution model 8 -> 16, against a direct 16x16 
 compute, and the effect of the augmentation level at training and at sampling time.
 
     python benchmarks/cascade.py --seeds 0,1 --workdir runs/cascade_bench      # trains, samples, writes
-    python benchmarks/cascade.py --report-only                                 # the .md from the .json
+    python benchmarks/cascade.py --seeds 0,1 --report-only      # merge the seeds' result files into the .json/.md
 
 Per training seed: configs/cascade_digits_base8.py, configs/cascade_digits_sr16.py (augmentation s ~ U[0, 0.5])
 and its ``noaug`` variant (s = 0), and configs/digits.py (the direct 16x16 model, same UNet as the
@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "cascade")
-SAMPLE_LEVELS = (0.0, 0.1, 0.2, 0.35, 0.5)
-TRUNCATED_LEVELS = (0.2, 0.35)
+SAMPLE_LEVELS = (0.0, 0.2, 0.35, 0.5)
+TRUNCATED_LEVELS = (0.35,)
 NUM, STEPS = 300, 20
 
 
@@ -183,16 +183,18 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "cascade_bench"))
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    path = RESULTS + ".json"
-    data = json.load(open(path)) if os.path.exists(path) else {"seeds": []}
-    if not args.report_only:
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            data["seeds"] = [s for s in data["seeds"] if s["seed"] != seed] + [evaluate_seed(args.workdir, seed)]
-            data["seeds"].sort(key=lambda s: s["seed"])
-            with open(path, "w") as f:
-                json.dump(data, f, indent=1)
-            with open(RESULTS + ".md", "w") as f:
-                f.write(report(data))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.report_only:     # one result file per seed (seeds may run as parallel processes)
+        for seed in seeds:
+            result = evaluate_seed(args.workdir, seed)
+            with open(os.path.join(args.workdir, f"seed{seed}", "result.json"), "w") as f:
+                json.dump(result, f, indent=1)
+    done = [os.path.join(args.workdir, f"seed{s}", "result.json") for s in seeds]
+    data = {"seeds": [json.load(open(p)) for p in done if os.path.exists(p)]}
+    if os.path.exists(RESULTS + ".json"):
+        data["discussion"] = json.load(open(RESULTS + ".json")).get("discussion", "")
+    with open(RESULTS + ".json", "w") as f:
+        json.dump(data, f, indent=1)
     with open(RESULTS + ".md", "w") as f:
         f.write(report(data))
     return 0

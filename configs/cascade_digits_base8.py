@@ -3,7 +3,8 @@ to 8x8 by the data pipeline's bicubic resize, which jaxdiff.cascade.downsample r
 
     python train.py --config configs/cascade_digits_base8.py --workdir runs/cascade_base8
     python train.py --config configs/cascade_digits_sr16.py --workdir runs/cascade_sr16
-    python sample.py --cascade runs/cascade_base8,runs/cascade_sr16 --aug_level 0,0.2 --eval digits
+    python sample.py --cascade runs/cascade_base8,runs/cascade_sr16 --stage steps=20 \\
+        --stage steps=20,aug_level=0.2 --eval digits
 
 RUNTIME (measured, see benchmarks/results/cascade.md).
 """

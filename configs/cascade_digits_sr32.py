@@ -3,8 +3,8 @@ Gaussian conditioning augmentation s ~ U[0, 0.5]; the third stage after configs/
 configs/cascade_digits_sr16.py.
 
     python train.py --config configs/cascade_digits_sr32.py --workdir runs/cascade_sr32
-    python sample.py --cascade runs/cascade_base8,runs/cascade_sr16,runs/cascade_sr32 --aug_level 0,0.2,0.2 \\
-        --eval digits
+    python sample.py --cascade runs/cascade_base8,runs/cascade_sr16,runs/cascade_sr32 --stage steps=20 \\
+        --stage steps=20,aug_level=0.2 --stage steps=20,aug_level=0.2 --eval digits
 
 RUNTIME (measured, see benchmarks/results/cascade.md).
 """

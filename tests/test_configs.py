@@ -25,6 +25,9 @@ EXPECTED_PARAMS = {
     "ae_digits": (1e5, 2e6),         # f4 KL autoencoder on 32x32 digits (task="autoencoder")
     "ae_photos": (1e5, 2e6),         # the same on 32x32 photo crops
     "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
+    "cascade_digits_base8": (2e4, 5e5),    # cascade base model at 8x8
+    "cascade_digits_sr16": (1e5, 1e6),     # super-resolution 8 -> 16
+    "cascade_digits_sr32": (1e5, 1e6),     # super-resolution 16 -> 32
 }
 
 
