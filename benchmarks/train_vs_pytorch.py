@@ -93,6 +93,7 @@ def unet_config(config):
 def build_pair(name: str, seed: int = 0):
     """``(jax_model, torch_model, unet_config)`` with identical weights."""
     import diffusers
+    import jax
     import numpy as np
     import torch
     from flax import nnx
@@ -102,6 +103,13 @@ def build_pair(name: str, seed: int = 0):
 
     ucfg = unet_config(_config(name))
     jm = UNet(ucfg, rngs=nnx.Rngs(seed))
+    # every parameter moved off its initial value (the output conv starts at zero, which would make the
+    # prediction 0 and the first-step loss mean(target^2) on both sides, whatever the rest of the network)
+    params = nnx.state(jm, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    nnx.update(jm, jax.tree.unflatten(treedef, [v + 0.02 * jax.random.normal(k, v.shape, v.dtype)
+                                                for v, k in zip(leaves, keys)]))
     dcfg = {k: v for k, v in unet_config_to_diffusers(ucfg).items() if not k.startswith("_")}
     tm = diffusers.UNet2DModel(**dcfg)
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in export_state_dict(jm).items()}

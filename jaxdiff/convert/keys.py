@@ -97,9 +97,10 @@ def expected_shape_torch(leaf: str, shape: tuple) -> tuple:
 
 
 def param_table(model: nnx.Module) -> dict:
-    """``{diffusers_key: (path, nnx.Variable)}`` for every parameter of ``model``."""
+    """``{diffusers_key: (path, nnx.Variable)}`` for every parameter of ``model`` (LoRA adapter weights,
+    ``nnx.LoRAParam``, excepted: :mod:`jaxdiff.convert.lora` handles them)."""
     table = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))):
         table[torch_key(path)] = (path, var)
     return table
 

@@ -21,7 +21,7 @@ def default_config() -> ConfigDict:
     """Every key a training config may have, with defaults (a small class-conditional pixel model)."""
     c = ConfigDict()
     c.seed = 0
-    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion)
+    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "lora"
 
     c.data = ConfigDict(dict(
         name="digits/16",        # any TFDS image dataset prepared as array_record, or the embedded digits
@@ -76,6 +76,13 @@ def default_config() -> ConfigDict:
         size=None,               # latent height/width (image_size / f), checked against the autoencoder
         channels=None,           # latent channels, checked against the autoencoder
     ))
+    c.lora = ConfigDict(dict(            # task="lora" only (train_lib/lora_experiment.py)
+        base=None,               # the frozen base: a jaxdiff training workdir or a diffusers UNet/pipeline folder
+        targets=("attention",),  # jaxdiff.nn.lora.TARGET_PRESETS names or regexes on dotted layer paths
+        rank=4,
+        alpha=None,              # delta scale alpha / rank; None: alpha = rank
+        dropout=0.0,
+    ))
     c.cascade = ConfigDict(dict(         # super-resolution stage of a cascade (jaxdiff/cascade.py, docs/cascade.md)
         low_res_size=None,       # size of the low-res image it is conditioned on (the batch downsampled in the
                                  # step, upsampled and concatenated to the input); None = not super-resolution
@@ -107,7 +114,7 @@ def _keys(cfg: ConfigDict) -> list[str]:
     return sorted(cfg.keys())
 
 
-TASKS = ("diffusion", "autoencoder")
+TASKS = ("diffusion", "autoencoder", "lora")
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
@@ -144,6 +151,7 @@ OPTIONAL_TYPES = {
     "data.data_dir": (str,), "train.peak_tflops": (int, float), "sample.guidance_scale": (int, float),
     "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
     "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "cascade.low_res_size": (int,),
+    "lora.base": (str,), "lora.alpha": (int, float),
 }
 
 
@@ -256,7 +264,13 @@ def check_values(c: ConfigDict) -> None:
             raise ValueError(f"config key {key!r} must be a non-empty tuple of positive ints, got {channels!r}")
     if c.cascade.low_res_size is not None:
         check_cascade_values(c)
-    if c.task == "diffusion":
+    if c.task == "lora":
+        if not c.lora.base:
+            raise ValueError("task='lora' needs a frozen base: set config key 'lora.base' to a jaxdiff training "
+                             "workdir or a diffusers folder")
+        from jaxdiff.nn.lora import LoRASpec
+        LoRASpec(targets=tuple(c.lora.targets), rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout).check()
+    if c.task in ("diffusion", "lora"):
         try:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:

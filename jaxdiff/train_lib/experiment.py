@@ -15,6 +15,7 @@ from jaxdiff.train_lib import checkpoint as ckpt
 from jaxdiff.train_lib import config as config_lib
 from jaxdiff.train_lib.ae_experiment import build_autoencoder_experiment
 from jaxdiff.train_lib.diffusion import build_diffusion_experiment
+from jaxdiff.train_lib.lora_experiment import build_lora_experiment
 
 
 class Experiment(Protocol):
@@ -54,6 +55,7 @@ class Experiment(Protocol):
 TASKS: dict[str, Callable[[Any, Mesh], Experiment]] = {
     "diffusion": build_diffusion_experiment,
     "autoencoder": build_autoencoder_experiment,
+    "lora": build_lora_experiment,
 }
 
 
