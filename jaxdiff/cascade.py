@@ -11,7 +11,7 @@ passes its noisy ``x_s`` on.
 
 - :func:`downsample`: the low-resolution image a super-resolution model is trained on (in the train step).
 - :func:`augment` / :func:`training_condition`: the Gaussian augmentation, at sampling / training time.
-- :class:`CascadeStage`, :func:`check_cascade`, :func:`sample_cascade`: a base model then super-resolution
+- :class:`CascadeStage`, :func:`check_cascade`, :func:`cascade_samplers`, :func:`sample_cascade`: a base model then super-resolution
   models, each with its own :class:`~jaxdiff.sampling.SamplerSettings` and augmentation level.
 """
 from __future__ import annotations
@@ -130,23 +130,36 @@ def _truncated_grid(stage: CascadeStage, t_end: float) -> np.ndarray:
     return np.asarray(make_grid(s.grid, stage.model.process, s.steps, t_end=t_end, final="t_min"), np.float64)
 
 
+def cascade_samplers(stages: Sequence[CascadeStage], mesh=None) -> list[Sampler]:
+    """One compiled :class:`~jaxdiff.sampling.Sampler` per stage (a truncated stage's lower neighbour gets the
+    grid that stops at its level). Reusable across :func:`sample_cascade` calls whose stages differ only in
+    the (non-truncated) augmentation levels, which are inputs of the compiled programs."""
+    check_cascade(stages)
+    samplers = []
+    for i, st in enumerate(stages):
+        nxt = stages[i + 1] if i + 1 < len(stages) else None
+        grid = _truncated_grid(st, nxt.level) if nxt is not None and nxt.truncate else None
+        samplers.append(Sampler(st.model, st.resolved_settings, mesh, grid=grid))
+    return samplers
+
+
 def sample_cascade(stages: Sequence[CascadeStage], labels: np.ndarray | None, num: int, seed: int = 0,
-                   batch: int = 500, mesh=None) -> list[np.ndarray]:
+                   batch: int = 500, mesh=None, samplers: Sequence[Sampler] | None = None) -> list[np.ndarray]:
     """Run a cascade: ``num`` samples of every stage, ``[(num, H_0, W_0, C), (num, H_1, W_1, C), ...]`` float32
     (the last is the cascade's output). ``labels`` ``(num,)`` go to every class-conditional stage (None: none).
     Deterministic in ``seed`` and independent of ``batch`` (stage ``i`` draws from ``fold_in(key(seed), i)``;
-    the augmentation noise of sample ``j`` from ``fold_in`` of that by ``j``). Everything is checked first."""
+    the augmentation noise of sample ``j`` from ``fold_in`` of that by ``j``). Everything is checked first.
+    ``samplers``: those of :func:`cascade_samplers` for the same models and settings (None: built here)."""
     check_cascade(stages)
     if num < 1 or batch < 1:
         raise ValueError(f"num and batch must be positive, got {num}, {batch}")
     for st in stages:
         if st.model.params is None:
             raise ValueError(f"{st.model.source or 'a stage model'} has no parameters")
-    samplers = []
-    for i, st in enumerate(stages):
-        nxt = stages[i + 1] if i + 1 < len(stages) else None
-        grid = _truncated_grid(st, nxt.level) if nxt is not None and nxt.truncate else None
-        samplers.append(Sampler(st.model, st.resolved_settings, mesh, grid=grid))
+    if samplers is None:
+        samplers = cascade_samplers(stages, mesh)
+    elif len(samplers) != len(stages) or any(s.model is not st.model for s, st in zip(samplers, stages)):
+        raise ValueError("samplers must be cascade_samplers of these stages' models, one per stage")
     key = jax.random.key(seed)
     outputs = [[] for _ in stages]
     for start in range(0, num, batch):

@@ -18,7 +18,8 @@ from flax import nnx
 from test_train import (ROOT, _env, _final_params, _run, _steps_logged, _wait_for, data_dir,  # noqa: F401
                         tiny_config, write_config)
 
-from jaxdiff.cascade import CascadeStage, augment, check_cascade, downsample, sample_cascade, training_condition  # noqa: E402
+from jaxdiff.cascade import (CascadeStage, augment, cascade_samplers, check_cascade, downsample,  # noqa: E402
+                             sample_cascade, training_condition)
 from jaxdiff.nn import UNet, UNetConfig  # noqa: E402
 from jaxdiff.noise import make_process  # noqa: E402
 from jaxdiff.parallel import make_mesh  # noqa: E402
@@ -127,8 +128,11 @@ def test_cascade_samples_do_not_depend_on_chunking_and_truncation_runs(stages):
     cascade = [CascadeStage(stages["base"], s2), CascadeStage(stages["sr"], SamplerSettings(steps=2, guidance_scale=2.0),
                                                               aug_level=0.3)]
     labels = np.arange(5) % 10
-    whole = sample_cascade(cascade, labels, 5, seed=3, batch=5)
+    samplers = cascade_samplers(cascade)
+    whole = sample_cascade(cascade, labels, 5, seed=3, batch=5, samplers=samplers)
     chunked = sample_cascade(cascade, labels, 5, seed=3, batch=2)
+    with pytest.raises(ValueError, match="one per stage"):
+        sample_cascade(cascade, labels, 5, samplers=samplers[:1])
     assert [o.shape for o in whole] == [(5, 8, 8, 1), (5, 16, 16, 1)]
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b, atol=1e-4)
