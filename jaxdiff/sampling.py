@@ -51,6 +51,9 @@ class SamplingModel:
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
       step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
+      start: optional first step, ``start(params, x_T (B,H,W,C), labels (B,) | context, t0) -> x at t0``: the
+        state at the grid's first time ``t0`` from the prior draw, taken inside the compiled program before
+        the solver (e.g. SingDiffusion's step from t = 1, ``jaxdiff.research.singdiffusion``); None: x_T.
       low_res_shape: super-resolution models: ``(h, w, C)`` of the low-resolution image they are conditioned
         on (``apply``'s fourth argument is then ``{"labels", "low_res", "aug_level"}``); None: not one.
       aug_range: ``(min, max)`` conditioning-augmentation levels (process times) it was trained on.
@@ -69,6 +72,7 @@ class SamplingModel:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
+    start: Callable[..., jax.Array] | None = None
     low_res_shape: tuple[int, int, int] | None = None
     aug_range: tuple[float, float] = (0.0, 0.0)
 
@@ -245,7 +249,10 @@ class Sampler:
         super_res = model.low_res_shape is not None
 
         def run(params, x_T, labels, uncond, key, low_res=None, aug_level=None):
-            denoiser = make_denoiser(model.apply, params, process)
+            apply = model.apply
+            if hasattr(apply, "start"):   # a network whose state rides from step to step (research.distrifusion)
+                apply = apply.start(x_T.shape[0] * (1 if guidance is None else 2), tuple(x_T.shape[1:]))
+            denoiser = make_denoiser(apply, params, process)
             if super_res:       # the conditioning is a dict (labels, low-res image, augmentation level)
                 extra = {"low_res": low_res, "aug_level": jnp.full(x_T.shape[:1], process.model_time(aug_level))}
                 labels = {"labels": labels if model.num_classes else None, **extra}
@@ -262,6 +269,8 @@ class Sampler:
                 cond = dict(cond=labels, uncond=uncond, guidance_scale=guidance)
             else:
                 cond = dict(cond=labels, uncond=jnp.full_like(labels, null), guidance_scale=guidance)
+            if model.start is not None:
+                x_T = model.start(params, x_T, labels, grid[0])
             x = sample(denoiser, process, x_T, grid, solver=solver, prediction=prediction, key=key, **cond)
             if decode is None:
                 return x

@@ -49,6 +49,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--negative_prompt", default=None, help="text-to-image: the negative prompt of guidance")
     parser.add_argument("--eval", choices=["digits"], default=None,
                         help="score the samples: 'digits' = digits-classifier agreement and Frechet distance")
+    parser.add_argument("--distrifusion", choices=["sync", "displaced", "naive"], default=None,
+                        help="patch-parallel sampling of each image over --patches devices (research.distrifusion)")
+    parser.add_argument("--patches", type=int, default=None, help="--distrifusion: row patches (default: all devices)")
+    parser.add_argument("--warmup", type=int, default=4, help="--distrifusion displaced: synchronous steps after the first")
+    parser.add_argument("--distrifusion_group_norm", default="corrected",
+                        choices=["corrected", "stale", "separate", "sync"], help="--distrifusion: GroupNorm after warm-up")
     return parser.parse_args(argv)
 
 
@@ -72,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt / --negative_prompt need a diffusers text-to-image folder (with model_index.json "
                          "naming text_encoder, tokenizer, unet, vae, scheduler)")
     model, mesh = cli.load_model(args)
+    if args.distrifusion:       # the devices hold patches of each image, not batch shards
+        from jaxdiff.research.distrifusion import DistriConfig, patch_parallel_sampling_model
+        model, mesh = patch_parallel_sampling_model(model, DistriConfig(
+            args.patches or jax.device_count(), args.distrifusion, args.warmup, args.distrifusion_group_norm)), None
     settings = cli.sampler_settings(model.defaults, args)
     labels = make_labels(args.labels, args.num, model.num_classes)
     size, _, ch = model.image_shape
@@ -91,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
                                    + (f"_cfg{s.guidance_scale:g}" if s.guidance_scale else ""))
     result = {"checkpoint_step": model.step, "source": model.source, **s.as_dict(), "num": args.num,
               "seed": args.seed, "ema": not args.raw, "seconds": seconds, "devices": jax.device_count()}
+    if args.distrifusion:
+        result.update(distrifusion=args.distrifusion, patches=args.patches or jax.device_count(), warmup=args.warmup,
+                      distrifusion_group_norm=args.distrifusion_group_norm)
     if args.eval == "digits":
         from jaxdiff.extractors import digits_quality
         quality = digits_quality(images, labels)
@@ -175,6 +188,8 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     from jaxdiff.convert.text_to_image import load_text_to_image
     if not args.prompt:
         raise ValueError(f"{args.diffusers} is a text-to-image folder: give --prompt")
+    if args.distrifusion:
+        raise ValueError("--distrifusion applies to --workdir runs and diffusers UNet folders, not text-to-image folders")
     if args.labels or args.eval or args.step is not None or args.raw:
         raise ValueError("--labels, --eval, --step and --raw do not apply to a text-to-image folder")
     pipe = load_text_to_image(args.diffusers)

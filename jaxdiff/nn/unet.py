@@ -214,11 +214,17 @@ class UNet(nnx.Module):
 
     def __call__(self, x: jax.Array, t, context: jax.Array | None = None,
                  labels: jax.Array | None = None, low_res: jax.Array | None = None,
-                 aug_level: jax.Array | None = None) -> jax.Array:
+                 aug_level: jax.Array | None = None, *, mid_hook=None, return_features: bool = False):
         """``x``: ``(B, H, W, in_channels)``; ``t``: ``(B,)`` or scalar time steps;
         ``context``: ``(B, S, cross_attention_dim)``; ``labels``: ``(B,)`` ints; super-resolution models:
         ``low_res`` ``(B, H/f, W/f, low_res_channels)`` and ``aug_level`` ``(B,)`` or scalar (embedded like
-        ``t``) -> ``(B, H, W, out_channels)``."""
+        ``t``) -> ``(B, H, W, out_channels)``.
+
+        h-space (the bottleneck: the mid block's output, or the last down block's without a mid block),
+        ``(B, H / 2^(levels-1), W / 2^(levels-1), block_out_channels[-1])``:
+        ``mid_hook(h) -> h`` of the same shape replaces it before the decoder runs (e.g. a guidance step,
+        ``jaxdiff.research.debias``); ``return_features=True`` returns ``(output, h)`` with ``h`` as the
+        encoder produced it (before any hook)."""
         self.check_inputs(np.shape(x), None if context is None else np.shape(context), labels is not None,
                           None if low_res is None else np.shape(low_res), aug_level is not None)
         c = self.config
@@ -247,12 +253,18 @@ class UNet(nnx.Module):
             skips += s
         if self.mid_block is not None:
             h = self.mid_block(h, temb, context)
+        features = h
+        if mid_hook is not None:
+            h = mid_hook(h)
+            if h.shape != features.shape:
+                raise ValueError(f"mid_hook must keep the bottleneck's shape {features.shape}, returned {h.shape}")
         for blk in self.up_blocks:
             k = len(blk.resnets)
             h = blk(h, skips[-k:], temb, context)
             skips = skips[:-k]
         h = jax.nn.silu(self.conv_norm_out(h))
-        return self.conv_out(h)
+        out = self.conv_out(h)
+        return (out, features) if return_features else out
 
 
 def check_low_res(c: UNetConfig, x_shape, low_res_shape, aug_level_given: bool) -> None:
