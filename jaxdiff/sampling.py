@@ -51,6 +51,8 @@ class SamplingModel:
       defaults: the source's sampling settings (a :class:`SamplerSettings` field dict), used where the
         caller gives none.
       step, source: provenance (checkpoint step, workdir or folder) for the records written with samples.
+      encode_prompts: text-conditioned models: ``encode_prompts(prompts: list[str]) -> context (N, S, D)``
+        (tokenizer + text encoder with this model's parameters; the empty prompt is the unconditional context).
       start: optional first step, ``start(params, x_T (B,H,W,C), labels (B,) | context, t0) -> x at t0``: the
         state at the grid's first time ``t0`` from the prior draw, taken inside the compiled program before
         the solver (e.g. SingDiffusion's step from t = 1, ``jaxdiff.research.singdiffusion``); None: x_T.
@@ -72,6 +74,7 @@ class SamplingModel:
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     step: int | None = None
     source: str = ""
+    encode_prompts: Callable[[Any], np.ndarray] | None = None
     start: Callable[..., jax.Array] | None = None
     low_res_shape: tuple[int, int, int] | None = None
     aug_range: tuple[float, float] = (0.0, 0.0)

@@ -6,6 +6,8 @@
     jaxdiff-sample --diffusers path/to/ddpm-cifar10-32 --num 64 --solver unipc --steps 10 --out out/
     jaxdiff-sample --diffusers path/to/stable-diffusion --prompt "a cat" --negative_prompt blurry \
         --num 4 --steps 20 --guidance_scale 7.5            # a text-to-image folder (model_index.json)
+    jaxdiff-sample --workdir runs/text_digits --prompt "a thick seven" --num 10 --guidance_scale 3
+                                                           # a text-conditioned training run
     jaxdiff-sample --cascade runs/base8,runs/sr16 --stage steps=20 --stage steps=10,aug_level=0.2 --eval digits
 
 The model is a training run's checkpoint (EMA parameters unless ``--raw``; its ``config.sample`` gives the
@@ -45,7 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=500, help="samples per device call")
     cli.add_sampling_arguments(parser)
     parser.add_argument("--prompt", action="append", default=None,
-                        help="text-to-image folders: a prompt (repeat for several; --num images cycle over them)")
+                        help="text-to-image folders and text-conditioned runs: a prompt (repeat for several; --num "
+                             "images cycle over them)")
     parser.add_argument("--negative_prompt", default=None, help="text-to-image: the negative prompt of guidance")
     parser.add_argument("--eval", choices=["digits"], default=None,
                         help="score the samples: 'digits' = digits-classifier agreement and Frechet distance")
@@ -74,10 +77,15 @@ def run(args: argparse.Namespace) -> int:
     from jaxdiff.convert.text_to_image import is_text_to_image_folder
     if args.diffusers and is_text_to_image_folder(args.diffusers):
         return run_text_to_image(args)
-    if args.prompt or args.negative_prompt:
+    if (args.prompt or args.negative_prompt) and not args.workdir:
         raise ValueError("--prompt / --negative_prompt need a diffusers text-to-image folder (with model_index.json "
-                         "naming text_encoder, tokenizer, unet, vae, scheduler)")
+                         "naming text_encoder, tokenizer, unet, vae, scheduler) or a text-conditioned --workdir run")
     model, mesh = cli.load_model(args)
+    if model.encode_prompts is not None and not args.distrifusion:
+        return run_text_workdir(args, model, mesh)
+    if args.prompt or args.negative_prompt:
+        raise ValueError(f"--prompt / --negative_prompt: the run {args.workdir} is not text-conditioned "
+                         "(or --distrifusion was given, which text-conditioned runs do not support)")
     if args.distrifusion:       # the devices hold patches of each image, not batch shards
         from jaxdiff.research.distrifusion import DistriConfig, patch_parallel_sampling_model
         model, mesh = patch_parallel_sampling_model(model, DistriConfig(
@@ -209,6 +217,37 @@ def run_text_to_image(args: argparse.Namespace) -> int:
     prompt_index = np.repeat(np.arange(len(args.prompt)), per_prompt)[:args.num].astype(np.int32)
     write_outputs(out, np.asarray(images) * 2.0 - 1.0, prompt_index, result, nrow=per_prompt,
                   eval_name="sample.json")
+    return 0
+
+
+def run_text_workdir(args: argparse.Namespace, model, mesh) -> int:
+    """A text-conditioned training run: ``--num`` images for the ``--prompt``s (cycled), guided towards them and
+    away from ``--negative_prompt`` (default the empty caption) when ``--guidance_scale`` is set."""
+    import jax
+    import numpy as np
+
+    from jaxdiff.sampling import Sampler, sample_images
+    if not args.prompt:
+        raise ValueError(f"{args.workdir} is a text-conditioned run: give --prompt")
+    if args.labels or args.eval:
+        raise ValueError("--labels and --eval do not apply to a text-conditioned run (see benchmarks/text_digits.py)")
+    settings = cli.sampler_settings(model.defaults, args)
+    if args.negative_prompt is not None and settings.guidance_scale is None:
+        raise ValueError("--negative_prompt is the unconditional branch of guidance: give --guidance_scale")
+    prompt_index = (np.arange(args.num) % len(args.prompt)).astype(np.int32)
+    context = model.encode_prompts([args.prompt[i] for i in prompt_index])
+    negative = None if settings.guidance_scale is None else model.encode_prompts([args.negative_prompt or ""])
+    t0 = time.perf_counter()
+    images = sample_images(Sampler(model, settings, mesh), None, args.num, args.seed, args.batch, context=context,
+                           negative_context=negative)
+    s = settings
+    out = args.out or os.path.join(model.source, f"sample_{s.solver}_{s.grid}_{s.steps}"
+                                   + (f"_cfg{s.guidance_scale:g}" if s.guidance_scale else ""))
+    result = {"checkpoint_step": model.step, "source": model.source, "prompt": args.prompt,
+              "negative_prompt": args.negative_prompt, **s.as_dict(), "num": args.num, "seed": args.seed,
+              "ema": not args.raw, "seconds": time.perf_counter() - t0, "devices": jax.device_count()}
+    nrow = len(args.prompt) if args.num % len(args.prompt) == 0 and len(args.prompt) > 1 else None
+    write_outputs(out, images, prompt_index, result, nrow=nrow, eval_name="sample.json")
     return 0
 
 

@@ -130,16 +130,21 @@ class DiffusionExperiment:
         return {}
 
 
-def build_diffusion_experiment(config, mesh: Mesh) -> DiffusionExperiment:
-    """The :class:`DiffusionExperiment` of a validated ``task="diffusion"`` config on ``mesh``."""
+def build_diffusion_experiment(config, mesh: Mesh, *, parts: tuple | None = None, unet: UNetConfig | None = None,
+                               condition: str = "labels", experiment_cls: type | None = None,
+                               **fields) -> DiffusionExperiment:
+    """The :class:`DiffusionExperiment` of a validated ``task="diffusion"`` config on ``mesh``.
+
+    Other conditionings (``train_lib.text_diffusion``) pass their network as ``parts`` (``graphdef, params,
+    rest`` of ``nn.functional.split_model`` or a filter of their own), its ``unet`` config, the ``condition``
+    of ``make_apply``, their ``experiment_cls`` (a subclass) and its extra ``fields``."""
     process = make_process(config.process.name, **dict(config.process.kwargs))
     loss_fn = losses.make_denoising_loss(process, target=config.loss.target,
                                          time_sampling=config.loss.time_sampling,
                                          weighting=config.loss.weighting,
                                          time_params=dict(config.loss.time_params),
                                          weight_params=dict(config.loss.weight_params))
-    model = build_model(config, seed=config.seed)
-    graphdef, params_state, rest = split_model(model)
+    graphdef, params_state, rest = parts if parts is not None else split_model(build_model(config, seed=config.seed))
     params = nnx.to_pure_dict(params_state)
     optimizer, schedule = make_optimizer(config.optim, int(config.train.steps))
     abstract = jax.eval_shape(lambda p: create_state(p, optimizer, config.seed), params)
@@ -157,12 +162,14 @@ def build_diffusion_experiment(config, mesh: Mesh) -> DiffusionExperiment:
     # the sampling settings are checked now (a bad solver, option, grid or step count fails before the first
     # training step); the sampler itself is built at the first sample grid
     settings = SamplerSettings.resolve(config.sample)
-    unet = unet_config(config)
-    if settings.guidance_scale is not None and not unet.class_null:
+    unet = unet if unet is not None else unet_config(config)
+    if settings.guidance_scale is not None and not unet.class_null and condition == "labels":
         raise ValueError("config key 'sample.guidance_scale' needs a model trained with label dropout (a null "
                          "class): set train.label_dropout > 0 or sample.guidance_scale=None")
-    return DiffusionExperiment(config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet,
-                               apply=make_apply(graphdef, rest, condition="low_res" if unet.low_res_channels
-                                                else "labels"), optimizer=optimizer, schedule=schedule,
-                               init_params=params, abstract_state=abstract, state_shardings=shardings,
-                               num_params=n, sample_settings=settings, autoencoder=autoencoder)
+    if unet.low_res_channels:        # a super-resolution stage of a cascade: conditioned on a dict
+        condition = "low_res"
+    return (experiment_cls or DiffusionExperiment)(
+        config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet,
+        apply=make_apply(graphdef, rest, condition=condition), optimizer=optimizer, schedule=schedule,
+        init_params=params, abstract_state=abstract, state_shardings=shardings, num_params=n,
+        sample_settings=settings, autoencoder=autoencoder, **fields)

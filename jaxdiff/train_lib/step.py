@@ -21,11 +21,15 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def drop_labels(key: jax.Array, labels: jax.Array, rate: float, null_class: int) -> jax.Array:
-    """Replace each label by ``null_class`` with probability ``rate`` (classifier-free guidance). (B,) -> (B,)."""
+def drop_labels(key: jax.Array, labels: jax.Array, rate: float, null_class) -> jax.Array:
+    """Replace each label by ``null_class`` with probability ``rate`` (classifier-free guidance). (B,) -> (B,).
+
+    Rows of a ``(B, ...)`` condition (e.g. caption tokens ``(B, S)``) are replaced whole by ``null_class``
+    (broadcast to a row: the empty caption's tokens ``(S,)``)."""
     if rate <= 0:
         return labels
-    drop = jax.random.uniform(key, labels.shape) < rate
+    drop = jax.random.uniform(key, labels.shape[:1]) < rate
+    drop = drop.reshape(drop.shape + (1,) * (labels.ndim - 1))
     return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)
 
 
