@@ -208,7 +208,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--train-steps", type=int, default=None)
-    ap.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", ".cache", "debias_model.pkl"))
+    ap.add_argument("--cache", default=os.path.join(ROOT, "runs", "debias_cache", "model.pkl"),
+                    help="trained-model cache (one file per step count; runs/ is git-ignored)")
     args = ap.parse_args()
     q = args.quick
     steps = args.train_steps or (300 if q else 1500)
