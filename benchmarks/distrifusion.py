@@ -220,7 +220,7 @@ def write_markdown(res: dict, path: str) -> None:
         "",
         f"## Quality vs one device ({main_steps} DDIM steps, displaced: 4 warm-up steps, corrected GroupNorm)",
         "",
-        "| patches / mode | MSE ± std | PSNR (dB) ± std | digits-classifier class agreement |",
+        "| patches / mode | MSE ± std | PSNR (dB) ± std | digits-classifier class agreement (12 samples) |",
         "|---|---|---|---|",
         f"| one device | 0 | ∞ | {_agreement(res, 'one_device')} |",
     ]
@@ -257,8 +257,10 @@ def write_markdown(res: dict, path: str) -> None:
     lines += ["", f"## Wall time ({main_steps} DDIM steps, 12 images, one call after compilation)", "",
               ("" if res.get("one_device_seconds") is None else f"One device: {res['one_device_seconds']:.2f} s. ") +
               ", ".join(f"{k}: {v:.2f} s" for k, v in t) +
-              ". Virtual CPU devices share the same 2 cores (and the machine was loaded), so patch parallelism "
-              "only adds work and collectives here: no speed-up is expected or claimed. "
+              ". One timed call each while other agents' jobs loaded the machine: differences between these "
+              "numbers (including any patch run faster than one device) are load noise. Virtual CPU devices share "
+              "the same 2 cores, so patch parallelism only adds work and collectives here: no speed-up is "
+              "expected or claimed. "
               "`benchmarks/distrifusion_gpu.py` times the same on real devices.", ""]
     lines += ["## What held and what did not", ""] + verdicts(res) + ["", INTERPRETATION, ""]
     with open(path, "w") as f:
