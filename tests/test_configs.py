@@ -25,6 +25,11 @@ EXPECTED_PARAMS = {
     "ae_digits": (1e5, 2e6),         # f4 KL autoencoder on 32x32 digits (task="autoencoder")
     "ae_photos": (1e5, 2e6),         # the same on 32x32 photo crops
     "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
+    "text_digits": (1e5, 2e6),       # text-conditioned 16x16 UNet + its small text transformer
+    "sadm_digits": (1e5, 2e6),       # the digits UNet, trained with a structure discriminator (task="sadm")
+    "cascade_digits_base8": (2e4, 5e5),    # cascade base model at 8x8
+    "cascade_digits_sr16": (1e5, 1e6),     # super-resolution 8 -> 16
+    "cascade_digits_sr32": (1e5, 1e6),     # super-resolution 16 -> 32
 }
 
 
@@ -42,7 +47,11 @@ def _abstract_param_count(config) -> int:
         from jaxdiff.train_lib.ae_experiment import build_autoencoder
         model = nnx.eval_shape(lambda: build_autoencoder(config, seed=config.seed))
         return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
+    if config.text.encoder is not None:
+        from jaxdiff.train_lib.text_diffusion import build_text_model
+        model = nnx.eval_shape(lambda: build_text_model(config))
+    else:
+        model = nnx.eval_shape(lambda: build_model(config, seed=config.seed))
     _, params, _ = split_model(model)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 

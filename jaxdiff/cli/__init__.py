@@ -121,6 +121,7 @@ def load_model(args):
     """``(SamplingModel, mesh)`` from ``--workdir`` (+ ``--step``, ``--raw``) or ``--diffusers``."""
     from jaxdiff import parallel
     if args.workdir:
+        import jaxdiff.research.sadm  # noqa: F401  (registers task "sadm": its runs sample like diffusion runs)
         from jaxdiff.train_lib.experiment import load_sampling_model
         return load_sampling_model(args.workdir, step=args.step, ema=not args.raw)
     if args.step is not None or args.raw:

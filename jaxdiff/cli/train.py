@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.start()
 
     def run() -> int:
+        import jaxdiff.research.sadm  # noqa: F401  (registers task "sadm")
         from jaxdiff.train_lib import config as config_lib
         from jaxdiff.train_lib.loop import train
         config = config_lib.load_config(args.config, overrides)

@@ -132,4 +132,12 @@ def load_captioned_digits(split: str = "train", resolution: int = 16, seed: int 
 
 
 __all__ = ["AttributeBins", "DIGIT_WORDS", "HELD_OUT_TEMPLATES", "SLANT", "THICKNESS", "TRAIN_TEMPLATES",
-           "WIDTH", "caption", "load_captioned_digits", "make_captions", "measure_attributes"]
+           "WIDTH", "caption", "caption_vocabulary", "load_captioned_digits", "make_captions", "measure_attributes"]
+
+
+def caption_vocabulary(templates: tuple = TRAIN_TEMPLATES) -> list[str]:
+    """Every word a caption of ``templates`` can hold (the word-level tokenizer's vocabulary; words of other
+    phrasings, such as the held-out ones, are unknown to it)."""
+    from jaxdiff.data.words import grammar_vocabulary
+    return grammar_vocabulary(templates, {"digit": DIGIT_WORDS, "number": range(10), "thickness": THICKNESS,
+                                          "slant": SLANT, "width": WIDTH})

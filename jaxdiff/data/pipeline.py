@@ -26,9 +26,10 @@ import numpy as np
 from jaxdiff.data import transforms
 from jaxdiff.data.digits import TFDS_NAME as _DIGITS, TFDS_RESOLUTIONS as _DIGITS_RES
 from jaxdiff.data.photos import TFDS_NAME as _PHOTOS
+from jaxdiff.data.captioned_digits import TFDS_NAME as _CAPTIONED, TFDS_RESOLUTIONS as _CAPTIONED_RES
 
 DIGITS_DATA_DIR = "~/.cache/jaxdiff/tensorflow_datasets"
-_PERMUTATION_TAG, _AUGMENT_TAG = 0, 1
+_PERMUTATION_TAG, _AUGMENT_TAG, _CAPTION_TAG = 0, 1, 2
 
 
 # --- sources -----------------------------------------------------------------------------------
@@ -47,6 +48,20 @@ def _digits_resolution(name: str) -> int | None:
     return int(config)
 
 
+def _captioned_resolution(name: str) -> int | None:
+    """Resolution of a ``captioned_digits[/r][:version]`` name, None for any other dataset."""
+    base = name.split(":")[0]
+    if base == _CAPTIONED:
+        return 16
+    if not base.startswith(_CAPTIONED + "/"):
+        return None
+    config = base.split("/", 1)[1]
+    if config not in tuple(str(r) for r in _CAPTIONED_RES):
+        raise ValueError(f"unknown captioned_digits config {config!r} in {name!r}; accepted: "
+                         + ", ".join(f"captioned_digits/{r}" for r in _CAPTIONED_RES))
+    return int(config)
+
+
 def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Sequence[dict]:
     """Random-access source over a TFDS dataset prepared in array_record format.
 
@@ -62,6 +77,10 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         from jaxdiff.data.digits import build_digits
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
         build_digits(data_dir, resolution)
+    elif _captioned_resolution(name) is not None:
+        from jaxdiff.data.captioned_digits import build_captioned_digits
+        data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
+        build_captioned_digits(data_dir, _captioned_resolution(name))
     elif name.split(":")[0] in (_PHOTOS, _PHOTOS + "/32"):
         from jaxdiff.data.photos import build_photo_crops
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
@@ -78,7 +97,7 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"dataset {name!r} not found in {where}; {how} "
-                         f"(or use 'digits/16', 'digits/32', 'photo_crops/32')") from e
+                         f"(or use 'digits/16', 'digits/32', 'captioned_digits/16', 'photo_crops/32')") from e
     if not builder.is_prepared():
         raise ValueError(f"dataset {name!r} is not prepared in {where}; {how}")
     file_format = builder.info.file_format
@@ -199,6 +218,9 @@ class ImageIterator(_BatchIterator):
     :func:`open_source`. See the module docstring for the determinism contract.
 
     crop: "center" | "random" | "resize" (see :func:`transforms.crop_and_resize`).
+    caption_key / tokenize: text-conditioned data: each example's caption (a string, or a list of captions of
+      which one is drawn from ``(seed, epoch, position)``) is turned into ``"tokens"`` ``(local_B, S)`` int32 by
+      ``tokenize(list of str) -> (n, S)`` (a word or CLIP tokenizer).
     num_threads / prefetch: worker threads, and how many batches are built ahead (0: inline).
     """
 
@@ -206,7 +228,7 @@ class ImageIterator(_BatchIterator):
                  seed: int, process_index: int | None = None, process_count: int | None = None,
                  random_flip: bool = True, crop: str = "center", image_key: str = "image",
                  label_key: str | None = "label", shuffle: bool = True,
-                 num_threads: int = 2, prefetch: int = 2):
+                 num_threads: int = 2, prefetch: int = 2, caption_key: str | None = None, tokenize=None):
         if crop not in transforms.CROPS:
             raise ValueError(f"crop must be one of {transforms.CROPS}, got {crop!r}")
         if isinstance(image_size, bool) or int(image_size) != image_size or image_size < 1:
@@ -221,6 +243,13 @@ class ImageIterator(_BatchIterator):
         for key in (image_key, label_key):
             if key is not None and key not in first:
                 raise ValueError(f"feature {key!r} not in the examples; available: {sorted(first)}")
+        if (caption_key is None) != (tokenize is None):
+            raise ValueError("captions need both caption_key (the feature holding them) and tokenize (the text "
+                             f"model's tokenizer); got caption_key={caption_key!r}, tokenize={tokenize!r}")
+        if caption_key is not None and caption_key not in first:
+            raise ValueError(f"caption feature {caption_key!r} not in the examples of this dataset (a text-conditioned "
+                             f"run needs captions, e.g. dataset 'captioned_digits/16'); available: {sorted(first)}")
+        self.caption_key, self.tokenize = caption_key, tokenize
         transforms.check_image(first[image_key], image_key)
         self.image_size, self.crop, self.random_flip, self.shuffle = int(image_size), crop, bool(random_flip), bool(shuffle)
         self.image_key, self.label_key = image_key, label_key
@@ -263,7 +292,20 @@ class ImageIterator(_BatchIterator):
         batch = {"image": transforms.to_unit_range(np.stack(images))}
         if self.label_key is not None:
             batch["label"] = np.asarray([r[self.label_key] for r in records], np.int32)
+        if self.caption_key is not None:
+            texts = [self._caption(r[self.caption_key], epoch, pos) for r, pos in zip(records, positions)]
+            batch["tokens"] = np.asarray(self.tokenize(texts), np.int32)
         return batch
+
+    def _caption(self, value, epoch: int, position: int) -> str:
+        """The example's caption: the one given, or one of its captions drawn from ``(seed, epoch, position)``."""
+        if not isinstance(value, (str, bytes)):
+            options = list(value)
+            if not options:
+                raise ValueError(f"an example has no caption in feature {self.caption_key!r}")
+            rng = np.random.default_rng([self.seed, epoch, _CAPTION_TAG, position])
+            value = options[int(rng.integers(len(options)))]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class SyntheticIterator(_BatchIterator):
@@ -310,7 +352,7 @@ def synthetic_iterator(*, global_batch_size: int, image_size: int, seed: int = 0
 
 _REQUIRED = ("name", "split", "image_size")
 _DEFAULTS = {"data_dir": None, "random_flip": True, "crop": "center", "label_key": "label",
-             "image_key": "image", "shuffle": True, "num_threads": 2, "prefetch": 2}
+             "image_key": "image", "shuffle": True, "num_threads": 2, "prefetch": 2, "caption_key": None}
 
 
 def _config_fields(config) -> dict[str, Any]:
@@ -324,13 +366,14 @@ def _config_fields(config) -> dict[str, Any]:
 
 
 def make_iterator(data_config, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> ImageIterator:
+                  process_count: int | None = None, tokenize=None) -> ImageIterator:
     """Open ``data_config.name`` / ``.split`` and wrap it in an :class:`ImageIterator`.
 
     Required fields: name, split, image_size. Optional: data_dir (None: TFDS default, or
     ``~/.cache/jaxdiff/tensorflow_datasets`` for digits), random_flip (True), crop ("center"),
     label_key ("label"; None: no labels), image_key ("image"), shuffle (True), num_threads (2),
-    prefetch (2). Batches: see :class:`ImageIterator`.
+    prefetch (2), caption_key (None; with ``tokenize``, batches get ``"tokens"``). Batches: see
+    :class:`ImageIterator`.
     """
     fields = _config_fields(data_config)
     unknown = sorted(set(fields) - set(_REQUIRED) - set(_DEFAULTS))
@@ -344,7 +387,8 @@ def make_iterator(data_config, *, global_batch_size: int, seed: int, process_ind
                          seed=seed, process_index=process_index, process_count=process_count,
                          random_flip=cfg["random_flip"], crop=cfg["crop"], image_key=cfg["image_key"],
                          label_key=cfg["label_key"], shuffle=cfg["shuffle"],
-                         num_threads=cfg["num_threads"], prefetch=cfg["prefetch"])
+                         num_threads=cfg["num_threads"], prefetch=cfg["prefetch"],
+                         caption_key=cfg["caption_key"], tokenize=tokenize)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -197,7 +197,7 @@ def restore_workdir(workdir: str, build: Callable, *, task: str | None = None, s
     """``(experiment, state, step)``: the config stored with a run's newest readable (or the given) step,
     ``build(config, mesh)`` on ``mesh`` (default: all devices), and the state restored into its shardings.
     Raises FileNotFoundError when ``<workdir>/checkpoints`` holds no checkpoint, ValueError when the run's
-    task is not ``task`` (None: any)."""
+    task is not ``task`` (a name or a tuple of names; None: any)."""
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {directory}: train first (jaxdiff-train --workdir {workdir})")
@@ -207,9 +207,11 @@ def restore_workdir(workdir: str, build: Callable, *, task: str | None = None, s
         if not steps:
             raise FileNotFoundError(f"{directory} holds no committed checkpoint")
         config = config_lib.config_from_dict(reader.read_config(step if step is not None else steps[-1]))
-        if task is not None and config.task != task:
-            article = "an" if task[0] in "aeiou" else "a"
-            raise ValueError(f"{workdir} is a {config.task!r} run, not {article} {task} run")
+        allowed = (task,) if isinstance(task, str) else tuple(task or ())
+        if task is not None and config.task not in allowed:
+            name = " or ".join(allowed)
+            article = "an" if name[0] in "aeiou" else "a"
+            raise ValueError(f"{workdir} is a {config.task!r} run, not {article} {name} run")
         exp = build(config, mesh if mesh is not None else make_mesh())
         restored_step, state, _, _ = reader.restore(exp.abstract_sharded_state(), step)
     finally:

@@ -21,7 +21,7 @@ def default_config() -> ConfigDict:
     """Every key a training config may have, with defaults (a small class-conditional pixel model)."""
     c = ConfigDict()
     c.seed = 0
-    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "lora"
+    c.task = "diffusion"         # "diffusion" | "autoencoder" (the first stage of latent diffusion) | "lora" | "sadm"
 
     c.data = ConfigDict(dict(
         name="digits/16",        # any TFDS image dataset prepared as array_record, or the embedded digits
@@ -32,6 +32,7 @@ def default_config() -> ConfigDict:
         random_flip=False,
         crop="resize",           # "center" | "random" | "resize"
         label_key="label",       # None for unconditional data
+        caption_key=None,        # text-conditioned runs: the feature holding captions ("captions" of captioned_digits)
         synthetic=False,         # random data of the right shape (throughput benchmarks)
     ))
     c.process = ConfigDict(dict(name="vp_cosine", kwargs=ConfigDict()))
@@ -47,6 +48,7 @@ def default_config() -> ConfigDict:
         resnet_time_scale_shift="default",
         dropout=0.0,
         num_classes=10,          # None: unconditional
+        cross_attention_dim=None,  # text-conditioned runs: None = the text encoder's width (else must equal it)
         dtype="float32",         # compute dtype: "float32" or "bfloat16"; parameters stay float32
         remat=False,
     ))
@@ -71,10 +73,33 @@ def default_config() -> ConfigDict:
         disc_lr=None,            # None: optim.lr
         scale_images=1024,       # training images encoded to measure the latent scale factor
     ))
+    c.sadm = ConfigDict(dict(            # task="sadm" only (jaxdiff/research/sadm, docs/sadm.md)
+        weight=0.1,              # weight of the structural distance in the denoiser's loss (0: DSM only)
+        temperature=0.1,         # temperature of the cosine affinities
+        start=0,                 # first step with the structural term and discriminator updates
+        disc_lr=None,            # None: optim.lr
+        disc_channels=16,        # the structure discriminator's encoder (a PatchGAN, flattened)
+        disc_layers=1,
+    ))
     c.latent = ConfigDict(dict(          # latent diffusion: train on a frozen autoencoder's latents
         autoencoder=None,        # workdir of a finished task="autoencoder" run; None = pixel diffusion
         size=None,               # latent height/width (image_size / f), checked against the autoencoder
         channels=None,           # latent channels, checked against the autoencoder
+    ))
+    c.text = ConfigDict(dict(            # text-conditioned diffusion (train_lib/text_diffusion.py)
+        encoder=None,            # None: not text-conditioned; "train": a small CLIP text transformer trained with
+                                 # the UNet (as LDM); else a transformers CLIPTextModel folder, kept frozen
+        tokenizer="digits_words",  # "digits_words": the words of the captioned digits' training phrasings; or a
+                                 # folder with CLIP's vocab.json + merges.txt
+        max_length=16,           # tokens per caption ("train" encoders; a folder's tokenizer sets its own)
+        width=64,                # "train" encoder: hidden size, layers, heads, MLP size, activation
+        layers=2,
+        heads=4,
+        mlp_dim=128,
+        activation="quick_gelu",
+        clip_skip=0,             # condition on the output of layer L - clip_skip (through the final LayerNorm)
+        caption_dropout=0.1,     # share of captions replaced by the empty caption (classifier-free guidance)
+        sample_prompts=(),       # prompts of the training sample grids (cycled); () = the empty prompt
     ))
     c.lora = ConfigDict(dict(            # task="lora" only (train_lib/lora_experiment.py)
         base=None,               # the frozen base: a jaxdiff training workdir or a diffusers UNet/pipeline folder
@@ -82,6 +107,12 @@ def default_config() -> ConfigDict:
         rank=4,
         alpha=None,              # delta scale alpha / rank; None: alpha = rank
         dropout=0.0,
+    ))
+    c.cascade = ConfigDict(dict(         # super-resolution stage of a cascade (jaxdiff/cascade.py, docs/cascade.md)
+        low_res_size=None,       # size of the low-res image it is conditioned on (the batch downsampled in the
+                                 # step, upsampled and concatenated to the input); None = not super-resolution
+        aug_min=0.0,             # Gaussian conditioning augmentation: level s ~ U[aug_min, aug_max] per example
+        aug_max=0.0,             # (times of config.process; 0 = clean), fed to the UNet like the time
     ))
     c.optim = ConfigDict(dict(lr=1e-3, warmup_steps=200, schedule="cosine",   # "cosine" | "constant"
                               end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
@@ -108,7 +139,7 @@ def _keys(cfg: ConfigDict) -> list[str]:
     return sorted(cfg.keys())
 
 
-TASKS = ("diffusion", "autoencoder", "lora")
+TASKS = ("diffusion", "autoencoder", "lora", "sadm")   # "sadm" is built by jaxdiff.research.sadm
 
 
 def check_keys(config: ConfigDict, schema: ConfigDict | None = None, prefix: str = "") -> None:
@@ -144,8 +175,9 @@ NULLABLE = {"data.label_key", "model.num_classes", "model.mid_attention", "optim
 OPTIONAL_TYPES = {
     "data.data_dir": (str,), "train.peak_tflops": (int, float), "sample.guidance_scale": (int, float),
     "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
-    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float),
-    "lora.base": (str,), "lora.alpha": (int, float),
+    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "cascade.low_res_size": (int,),
+    "data.caption_key": (str,), "model.cross_attention_dim": (int,), "text.encoder": (str,),
+    "lora.base": (str,), "lora.alpha": (int, float), "sadm.disc_lr": (int, float),
 }
 
 
@@ -235,38 +267,65 @@ def check_values(c: ConfigDict) -> None:
                      ("train.grad_accum", 1), ("train.log_every", 1), ("train.sample_every", 0),
                      ("checkpoint.every", 1), ("checkpoint.keep", 1), ("optim.warmup_steps", 0),
                      ("model.layers_per_block", 1), ("model.norm_num_groups", 1), ("sample.steps", 1),
-                     ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1)]:
+                     ("sample.num", 1), ("autoencoder.scale_images", 1), ("model.num_classes", 1),
+                     ("model.cross_attention_dim", 1), ("text.max_length", 3), ("text.width", 1),
+                     ("text.layers", 1), ("text.heads", 1), ("text.mlp_dim", 1), ("text.clip_skip", 0),
+                     ("sadm.start", 0), ("sadm.disc_channels", 1), ("sadm.disc_layers", 1)]:
         _check_range(key, _get(c, key), low)
-    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops"):
+    for key in ("optim.lr", "optim.eps", "autoencoder.disc_lr", "train.peak_tflops", "sadm.temperature",
+                "sadm.disc_lr"):
         _check_range(key, _get(c, key), 0, low_open=True)
     for key in ("optim.weight_decay", "optim.end_lr_factor", "optim.clip_norm", "autoencoder.kl_weight",
-                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight"):
+                "autoencoder.perceptual_weight", "autoencoder.disc_weight", "autoencoder.codebook_weight",
+                "sadm.weight"):
         _check_range(key, _get(c, key), 0)
     for key in ("optim.b1", "optim.b2"):
         _check_range(key, _get(c, key), 0, 1, high_open=True)
     _check_range("train.label_dropout", c.train.label_dropout, 0, 1, high_open=True)
     _check_range("train.ema_decay", c.train.ema_decay, 0, 1)
     _check_range("model.dropout", c.model.dropout, 0, 1, high_open=True)
+    _check_range("text.caption_dropout", c.text.caption_dropout, 0, 1, high_open=True)
     if c.train.batch_size % c.train.grad_accum:
         raise ValueError(f"config key 'train.batch_size' ({c.train.batch_size}) must divide by "
                          f"'train.grad_accum' ({c.train.grad_accum})")
+    if c.data.caption_key is not None and c.text.encoder is None:
+        raise ValueError("config key 'data.caption_key' is set but 'text.encoder' is None: captions condition a "
+                         "text-conditioned model only (set text.encoder='train' or a CLIPTextModel folder)")
     if c.task == "autoencoder" and c.train.grad_accum != 1:
         raise ValueError("config key 'train.grad_accum' must be 1 for task='autoencoder'")
     for key in ("model.block_out_channels", "autoencoder.block_out_channels"):
         channels = _get(c, key)
         if not channels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in channels):
             raise ValueError(f"config key {key!r} must be a non-empty tuple of positive ints, got {channels!r}")
+    if c.cascade.low_res_size is not None:
+        check_cascade_values(c)
     if c.task == "lora":
         if not c.lora.base:
             raise ValueError("task='lora' needs a frozen base: set config key 'lora.base' to a jaxdiff training "
                              "workdir or a diffusers folder")
         from jaxdiff.nn.lora import LoRASpec
         LoRASpec(targets=tuple(c.lora.targets), rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout).check()
-    if c.task in ("diffusion", "lora"):
+    if c.task in ("diffusion", "lora", "sadm"):
         try:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:
             raise ValueError(f"config section 'sample': {e}") from None
+
+
+def check_cascade_values(c: ConfigDict) -> None:
+    """The ``cascade`` section of a super-resolution run: a low-res size that divides the image size, an
+    augmentation range inside the process's times, a pixel-space diffusion task without training sample grids."""
+    lr, size = c.cascade.low_res_size, c.data.image_size
+    if c.task != "diffusion" or c.latent.autoencoder:
+        raise ValueError("config key 'cascade.low_res_size' applies to pixel diffusion (task='diffusion', no latent)")
+    if lr < 1 or lr >= size or size % lr:
+        raise ValueError(f"config key 'cascade.low_res_size' must be smaller than and divide data.image_size "
+                         f"({size}), got {lr}")
+    _check_range("cascade.aug_min", c.cascade.aug_min, 0)
+    _check_range("cascade.aug_max", c.cascade.aug_max, c.cascade.aug_min, 1)
+    if c.train.sample_every:
+        raise ValueError("config key 'train.sample_every' must be 0 for a super-resolution run (cascade.low_res_size "
+                         "set): sample it in its cascade with jaxdiff-sample --cascade")
 
 
 def _get(c: ConfigDict, dotted: str):

@@ -52,16 +52,37 @@ class Experiment(Protocol):
         """End-of-training work (e.g. the latent scale factor); returns scalars to log."""
 
 
+def _build_diffusion(config, mesh: Mesh) -> Experiment:
+    """Diffusion: text-conditioned (``config.text.encoder`` set, ``train_lib.text_diffusion``) or not."""
+    if config.text.encoder is not None:
+        from jaxdiff.train_lib.text_diffusion import build_text_diffusion_experiment
+        return build_text_diffusion_experiment(config, mesh)
+    return build_diffusion_experiment(config, mesh)
+
+
 TASKS: dict[str, Callable[[Any, Mesh], Experiment]] = {
-    "diffusion": build_diffusion_experiment,
+    "diffusion": _build_diffusion,
     "autoencoder": build_autoencoder_experiment,
     "lora": build_lora_experiment,
 }
 
 
+def register_task(name: str, build: Callable[[Any, Mesh], Experiment]) -> None:
+    """Make ``config.task = name`` build its experiment with ``build(config, mesh)``: how a task defined
+    above train_lib (a research method's, e.g. ``jaxdiff.research.sadm``) joins the loop. The name must be
+    one of ``config.TASKS`` (its keys are in the config schema); registering it again replaces it."""
+    if name not in config_lib.TASKS:
+        raise ValueError(f"task {name!r} is not in the config schema's tasks {config_lib.TASKS}")
+    TASKS[name] = build
+
+
 def build_experiment(config, mesh: Mesh) -> Experiment:
     """Validate ``config`` and build the experiment of its ``task`` on ``mesh``."""
     config_lib.validate(config)
+    if config.task not in TASKS:
+        raise ValueError(f"task {config.task!r} has no registered experiment in this process: import the "
+                         f"module that registers it (e.g. jaxdiff.research.{config.task}; the jaxdiff-train / "
+                         f"jaxdiff-sample programs do)")
     return TASKS[config.task](config, mesh)
 
 
@@ -72,10 +93,15 @@ def restore_run(workdir: str, *, task: str | None = None, step: int | None = Non
     return ckpt.restore_workdir(workdir, build_experiment, task=task, step=step, mesh=mesh)
 
 
+#: tasks whose runs train a denoiser that ``load_sampling_model`` can sample (a research task's experiment
+#: gives ``sampling_model`` as the diffusion experiment does)
+SAMPLING_TASKS = ("diffusion", "sadm")
+
+
 def load_sampling_model(workdir: str, *, step: int | None = None, ema: bool = True, mesh: Mesh | None = None):
-    """``(SamplingModel, mesh)`` of a diffusion run's newest readable (or the given) checkpoint: its EMA
+    """``(SamplingModel, mesh)`` of a diffusion (or SADM) run's newest readable (or the given) checkpoint: its EMA
     (or raw, ``ema=False``) parameters in their shardings on ``mesh`` (default: all devices), with the
     run's ``config.sample`` as the default settings; latent runs decode."""
-    exp, state, restored = restore_run(workdir, task="diffusion", step=step, mesh=mesh)
+    exp, state, restored = restore_run(workdir, task=SAMPLING_TASKS, step=step, mesh=mesh)
     params = state.ema_params if ema else state.params
     return exp.sampling_model(params, step=restored, source=workdir), exp.mesh

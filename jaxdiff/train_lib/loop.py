@@ -58,15 +58,16 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def data_iterator(config, seed: int):
-    """The host's batch iterator for ``config.data`` (synthetic data for throughput runs)."""
+def data_iterator(config, seed: int, tokenize=None):
+    """The host's batch iterator for ``config.data`` (synthetic data for throughput runs); ``tokenize``: the
+    text model's tokenizer (captions -> ``"tokens"``) for text-conditioned runs."""
     b = config.train.batch_size
     if config.data.synthetic:
         return pipeline.synthetic_iterator(global_batch_size=b, image_size=config.data.image_size,
                                            channels=config.data.channels, seed=seed,
                                            num_classes=config.model.num_classes)
     fields = {k: v for k, v in config.data.items() if k not in ("channels", "synthetic")}
-    return pipeline.make_iterator(fields, global_batch_size=b, seed=seed)
+    return pipeline.make_iterator(fields, global_batch_size=b, seed=seed, tokenize=tokenize)
 
 
 def _check_finite(state, last_saved: int | None) -> None:
@@ -81,7 +82,8 @@ def _check_finite(state, last_saved: int | None) -> None:
 def _host_batch(batch: dict) -> dict:
     labels = batch.get("label")
     return {"image": batch["image"],
-            "label": labels if labels is not None else np.zeros(len(batch["image"]), np.int32)}
+            "label": labels if labels is not None else np.zeros(len(batch["image"]), np.int32),
+            **({"tokens": batch["tokens"]} if "tokens" in batch else {})}
 
 
 def train(config, workdir: str, devices=None) -> dict:
@@ -106,7 +108,7 @@ def train(config, workdir: str, devices=None) -> dict:
                       out_shardings=(exp.state_shardings, replicated), donate_argnums=0)
 
     # data and checkpoints: resume from the newest readable step
-    data_iter = data_iterator(config, config.seed)
+    data_iter = data_iterator(config, config.seed, tokenize=getattr(exp, "tokenize", None))
     checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save, verify=config.checkpoint.verify)
     restored = checkpointer.restore(exp.abstract_sharded_state())
