@@ -5,8 +5,9 @@ the digits demo's UNet and recipe, plus a structure discriminator (a PatchGAN en
 
 The same run with ``--config.sadm.weight=0`` is the DSM-only baseline at equal steps (the discriminator is
 then neither run nor updated). Runtime, measured on the shared 2-core CPU machine under heavy load (load average
-20-24 from other jobs, 2026-11-30): the weight-0 arm trained in 1,812 s (0.7 steps/s; the digits demo runs at
-6-7 steps/s on a quieter machine); the SADM arm's time is in benchmarks/results/sadm.md.
+20-29 from other jobs, 2026-11-30, cold compilation cache): the weight-0 arm trained in 1,812 s and the
+weight-0.1 arm in 1,008 s (the load fell in between, so the two times do not compare the steps' costs; the
+digits demo runs at 6-7 steps/s on a quieter machine). Measured quality: benchmarks/results/sadm.md.
 Sample and score like any diffusion run:
     python sample.py --workdir runs/sadm_digits --steps 20 --num 500 --eval digits
 """
