@@ -91,6 +91,7 @@ def test_diffusers_lora_loads_into_jaxdiff(tmp_path):
     assert err <= ATOL, f"max abs error {err}"
 
 
+@pytest.mark.slow   # ~60 s under load; the diffusers -> jaxdiff direction runs by default
 def test_jaxdiff_lora_loads_into_diffusers(tmp_path):
     torch, diffusers, UNetOnlyPipeline = _torch_parts()
     from flax import nnx
