@@ -126,7 +126,8 @@ def write_markdown(result: dict, path: str) -> None:
     text += "|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
     text += "Class agreement per prompt template (`template` indexes the prompts' phrasing: held-out phrasings "
     text += "`HELD_OUT_TEMPLATES[0]` / `[1]` for `held_out`; for `training_phrasing` both halves use the same training "
-    text += "phrasing), mean over sampling seeds:\n\n| phrasing | guidance | template | class agreement |\n|---|---|---|---|\n"
+    text += "phrasing), mean over sampling seeds:\n\n"
+    text += "| phrasing | guidance | template | class agreement |\n|---|---|---|---|\n"
     text += "\n".join(tmpl_rows) + "\n\n" + result.get("notes", "") + "\n"
     with open(path, "w") as f:
         f.write(text)
