@@ -117,7 +117,7 @@ def test_objective_is_minimised_by_the_class_mean():
 
 
 def test_module_file_roundtrip(tmp_path):
-    spec = ModuleSpec((8, 8, 1), 3, class_null=True, data="d", channels=(8, 16))
+    spec = ModuleSpec((8, 8, 1), 3, class_null=True, data="d", channels=(8,))
     fresh = build_module(spec, seed=0)
     module = dataclasses.replace(fresh, params=jax.tree.map(
         lambda p: p + 0.01 * jax.random.normal(jax.random.key(p.size), p.shape), fresh.params))
