@@ -56,6 +56,9 @@ class SamplingModel:
       start: optional first step, ``start(params, x_T (B,H,W,C), labels (B,) | context, t0) -> x at t0``: the
         state at the grid's first time ``t0`` from the prior draw, taken inside the compiled program before
         the solver (e.g. SingDiffusion's step from t = 1, ``jaxdiff.research.singdiffusion``); None: x_T.
+      low_res_shape: super-resolution models: ``(h, w, C)`` of the low-resolution image they are conditioned
+        on (``apply``'s fourth argument is then ``{"labels", "low_res", "aug_level"}``); None: not one.
+      aug_range: ``(min, max)`` conditioning-augmentation levels (process times) it was trained on.
     """
 
     apply: Callable[..., jax.Array]
@@ -73,6 +76,8 @@ class SamplingModel:
     source: str = ""
     encode_prompts: Callable[[Any], np.ndarray] | None = None
     start: Callable[..., jax.Array] | None = None
+    low_res_shape: tuple[int, int, int] | None = None
+    aug_range: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -84,6 +89,17 @@ class SamplingModel:
                 raise ValueError(f"context_shape must be (S, D), got {self.context_shape!r}")
             if self.num_classes:
                 raise ValueError("a model is conditioned on classes or on a context, not both")
+        if self.low_res_shape is not None and (len(self.low_res_shape) != 3 or self.context_shape is not None):
+            raise ValueError(f"low_res_shape must be (h, w, C) of a model without a context, got {self.low_res_shape!r}")
+
+    def check_aug_level(self, aug_level: float) -> float:
+        """``aug_level`` as a float, ValueError unless this super-resolution model was trained on it."""
+        lo, hi = self.aug_range
+        if isinstance(aug_level, bool) or not isinstance(aug_level, (int, float, np.floating)) or not (
+                lo - 1e-9 <= aug_level <= hi + 1e-9):
+            raise ValueError(f"augmentation level {aug_level!r} lies outside [{lo:g}, {hi:g}], the range this "
+                             f"super-resolution model ({self.source or 'model'}) was trained on")
+        return float(aug_level)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -233,12 +249,22 @@ class Sampler:
         guidance, decode, decode_params = settings.guidance_scale, model.decode, model.decode_params
         null = model.num_classes if model.class_null else None
 
-        def run(params, x_T, labels, uncond, key):
+        super_res = model.low_res_shape is not None
+
+        def run(params, x_T, labels, uncond, key, low_res=None, aug_level=None):
             apply = model.apply
             if hasattr(apply, "start"):   # a network whose state rides from step to step (research.distrifusion)
                 apply = apply.start(x_T.shape[0] * (1 if guidance is None else 2), tuple(x_T.shape[1:]))
             denoiser = make_denoiser(apply, params, process)
-            if model.num_classes is None and not has_context:
+            if super_res:       # the conditioning is a dict (labels, low-res image, augmentation level)
+                extra = {"low_res": low_res, "aug_level": jnp.full(x_T.shape[:1], process.model_time(aug_level))}
+                labels = {"labels": labels if model.num_classes else None, **extra}
+                uncond = {**labels, "labels": jnp.full_like(labels["labels"], null)} if guidance is not None else None
+            if super_res and guidance is None:
+                cond = dict(cond=labels)
+            elif super_res:
+                cond = dict(cond=labels, uncond=uncond, guidance_scale=guidance)
+            elif model.num_classes is None and not has_context:
                 cond = {}
             elif guidance is None:
                 cond = dict(cond=labels)
@@ -278,12 +304,16 @@ class Sampler:
 
     def __call__(self, params: Any, labels: np.ndarray | None, key: jax.Array, num: int | None = None,
                  offset: int = 0, *, context: Any = None, negative_context: Any = None,
-                 x_T: Any = None) -> np.ndarray:
+                 x_T: Any = None, low_res: Any = None, aug_level: float | None = None) -> np.ndarray:
         """Draw ``len(labels)`` (``len(context)``, or ``num``, unconditional) samples; deterministic in ``key``:
         the start noise of sample ``offset + i`` is drawn from ``fold_in(split(key)[0], offset + i)``, so
         drawing in chunks (pass the running ``offset``) gives the same samples as drawing at once (stochastic
         solvers' step noise still depends on the batch). ``x_T`` ``(N, *model.shape)``: given start noise
-        instead (already scaled by the prior's std). Returns numpy ``(N, H, W, C)`` float32."""
+        instead (already scaled by the prior's std). Super-resolution models (``model.low_res_shape``):
+        ``low_res`` ``(N, h, w, C)`` the (already augmented) low-resolution images and ``aug_level`` their
+        augmentation level (a process time in ``model.aug_range``; ``jaxdiff.cascade`` does both).
+        Returns numpy ``(N, H, W, C)`` float32."""
+        low_res, aug_level = self._low_res(low_res, aug_level, num if labels is None else len(labels))
         uncond = None
         if self.model.context_shape is not None:
             if labels is not None:
@@ -327,8 +357,32 @@ class Sampler:
                 uncond = jax.device_put(uncond, batch_sharding(self.mesh, uncond.ndim))
             if not _is_on_mesh(params, self.mesh):
                 params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        out = self._run(params, x_T, labels, uncond, k_solver)
+        extra = ()
+        if low_res is not None:
+            low_res = jnp.asarray(_pad(low_res, padded))
+            if self.mesh is not None:
+                low_res = jax.device_put(low_res, batch_sharding(self.mesh, 4))
+            extra = (low_res, jnp.asarray(aug_level, jnp.float32))
+        out = self._run(params, x_T, labels, uncond, k_solver, *extra)
         return np.asarray(jax.device_get(out))[:n]
+
+    def _low_res(self, low_res, aug_level, n):
+        """``(low_res (N, h, w, C) float32, aug_level float)`` checked against a super-resolution model, or
+        ``(None, None)`` for any other model (ValueError if either was given then)."""
+        shape = self.model.low_res_shape
+        if shape is None:
+            if low_res is not None or aug_level is not None:
+                raise ValueError("low_res / aug_level given but the model is not a super-resolution model")
+            return None, None
+        if low_res is None or aug_level is None:
+            raise ValueError(f"this is a super-resolution model: pass low_res (N, {', '.join(map(str, shape))}) "
+                             "and aug_level")
+        low_res = np.asarray(low_res, np.float32)
+        if low_res.shape[1:] != tuple(shape) or (n is not None and len(low_res) != n):
+            raise ValueError(f"this super-resolution model takes low-resolution images of shape "
+                             f"({n if n is not None else 'N'}, {', '.join(map(str, shape))}), got {low_res.shape}: "
+                             "the stage below it must make images of that size")
+        return low_res, self.model.check_aug_level(aug_level)
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:

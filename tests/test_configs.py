@@ -27,6 +27,9 @@ EXPECTED_PARAMS = {
     "ldm_digits": (1e5, 3e6),        # class-conditional UNet on 8x8x3 latents
     "text_digits": (1e5, 2e6),       # text-conditioned 16x16 UNet + its small text transformer
     "sadm_digits": (1e5, 2e6),       # the digits UNet, trained with a structure discriminator (task="sadm")
+    "cascade_digits_base8": (2e4, 5e5),    # cascade base model at 8x8
+    "cascade_digits_sr16": (1e5, 1e6),     # super-resolution 8 -> 16
+    "cascade_digits_sr32": (1e5, 1e6),     # super-resolution 16 -> 32
 }
 
 

@@ -8,10 +8,12 @@
         --num 4 --steps 20 --guidance_scale 7.5            # a text-to-image folder (model_index.json)
     jaxdiff-sample --workdir runs/text_digits --prompt "a thick seven" --num 10 --guidance_scale 3
                                                            # a text-conditioned training run
+    jaxdiff-sample --cascade runs/base8,runs/sr16 --stage steps=20 --stage steps=10,aug_level=0.2 --eval digits
 
 The model is a training run's checkpoint (EMA parameters unless ``--raw``; its ``config.sample`` gives the
 defaults) or a diffusers folder (converted on load; the scheduler config gives the noise process and
-prediction kind). The batch is sharded over every device; the same seed gives the same samples on any
+prediction kind), or a cascade (``--cascade``: a base run then super-resolution runs, each stage sampled with
+its own ``--stage`` settings, docs/cascade.md). The batch is sharded over every device; the same seed gives the same samples on any
 number of devices and in any chunking. Writes ``<out>/samples.png`` (a grid), ``<out>/samples.npz``
 (``images`` float32 (N, H, W, C) in [-1, 1], ``labels`` (N,)) and ``<out>/sample.json`` (``eval.json`` with
 ``--eval``).
@@ -32,7 +34,13 @@ log = logging.getLogger("jaxdiff.sample")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jaxdiff-sample", description=__doc__.split("\n")[0])
-    cli.add_source_arguments(parser)
+    source = cli.add_source_arguments(parser)
+    source.add_argument("--cascade", default=None, help="comma-separated training runs: a base model, then "
+                        "super-resolution models (each conditioned on the one before)")
+    parser.add_argument("--stage", action="append", default=None,
+                        help="--cascade: settings of one stage, in order (repeat per stage), e.g. "
+                             "'solver=unipc,steps=10,guidance_scale=2,aug_level=0.2,truncate=1'; unset keys: the "
+                             "run's config.sample (the --solver/--steps/... flags do not apply to a cascade)")
     parser.add_argument("--out", default=None, help="output folder (default: <workdir or diffusers folder>/"
                                                     "sample_<solver>_<grid>_<steps>)")
     parser.add_argument("--num", type=int, default=100)
@@ -62,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from jaxdiff.sampling import Sampler, make_labels, sample_chunks
     if args.num < 1 or args.batch < 1:
         raise ValueError(f"--num and --batch must be positive, got {args.num}, {args.batch}")
+    if args.cascade:
+        return run_cascade(args)
+    if args.stage:
+        raise ValueError("--stage applies to --cascade")
     from jaxdiff.convert.text_to_image import is_text_to_image_folder
     if args.diffusers and is_text_to_image_folder(args.diffusers):
         return run_text_to_image(args)
@@ -107,6 +119,69 @@ def run(args: argparse.Namespace) -> int:
     k = model.num_classes
     nrow = k if k and args.num % k == 0 and args.labels is None else None
     write_outputs(out, images, labels, result, nrow=nrow, eval_name="eval.json" if args.eval else "sample.json")
+    return 0
+
+
+STAGE_KEYS = {"solver": str, "grid": str, "steps": int, "guidance_scale": float, "aug_level": float,
+              "truncate": lambda v: v.lower() in ("1", "true", "yes")}
+
+
+def parse_stage(text: str) -> dict:
+    """``'steps=10,aug_level=0.2'`` -> ``{"steps": 10, "aug_level": 0.2}`` (keys: ``STAGE_KEYS``)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in STAGE_KEYS:
+            raise ValueError(f"--stage item {item!r} must be KEY=VALUE with KEY one of {sorted(STAGE_KEYS)}")
+        try:
+            out[key] = STAGE_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"--stage {key}={value!r} is not a valid {key}") from None
+    return out
+
+
+def run_cascade(args: argparse.Namespace) -> int:
+    """``--cascade base,sr1,...``: sample each stage in turn (``jaxdiff.cascade.sample_cascade``)."""
+    import jax
+    import numpy as np
+
+    from jaxdiff.cascade import CascadeStage, sample_cascade
+    from jaxdiff.sampling import SamplerSettings, make_labels
+    from jaxdiff.train_lib.experiment import load_sampling_model
+    workdirs = [w for w in args.cascade.split(",") if w]
+    options = [parse_stage(t) for t in (args.stage or [])]
+    if options and len(options) != len(workdirs):
+        raise ValueError(f"give one --stage per cascade stage ({len(workdirs)}), got {len(options)}")
+    if args.solver or args.grid or args.steps or args.guidance_scale is not None or args.solver_kwargs:
+        raise ValueError("with --cascade give sampling settings per stage with --stage, not --solver/--steps/...")
+    options = options or [{} for _ in workdirs]
+    stages, mesh = [], None
+    for workdir, opt in zip(workdirs, options):
+        model, mesh = load_sampling_model(workdir, step=args.step, ema=not args.raw, mesh=mesh)
+        settings = SamplerSettings.resolve(model.defaults, solver=opt.get("solver"), grid=opt.get("grid"),
+                                           steps=opt.get("steps"), guidance_scale=opt.get("guidance_scale"))
+        stages.append(CascadeStage(model, settings, opt.get("aug_level"), opt.get("truncate", False)))
+    top = stages[-1].model
+    labels = make_labels(args.labels, args.num, top.num_classes)
+    size, _, ch = top.image_shape
+    if args.eval == "digits" and (labels is None or size not in (16, 32) or ch != 1):
+        raise ValueError("--eval digits needs a class-conditional cascade ending at 16x16 or 32x32 grey images")
+    t0 = time.perf_counter()
+    images = sample_cascade(stages, labels, args.num, args.seed, args.batch, mesh)[-1]
+    result = {"cascade": workdirs, "stages": [{**st.resolved_settings.as_dict(), "aug_level": st.level,
+                                               "truncate": st.truncate, "checkpoint_step": st.model.step}
+                                              for st in stages],
+              "num": args.num, "seed": args.seed, "ema": not args.raw, "seconds": time.perf_counter() - t0,
+              "devices": jax.device_count()}
+    if args.eval == "digits":
+        from jaxdiff.extractors import digits_quality
+        quality = digits_quality(images, labels)
+        result.update({k: v for k, v in quality.items() if isinstance(v, (int, float, str))})
+    k = top.num_classes
+    nrow = k if k and args.num % k == 0 and args.labels is None else None
+    out = args.out or os.path.join(workdirs[-1], "sample_cascade")
+    write_outputs(out, images, labels if labels is not None else np.zeros((0,), np.int32), result, nrow=nrow,
+                  eval_name="eval.json" if args.eval else "sample.json")
     return 0
 
 

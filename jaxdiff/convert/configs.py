@@ -178,6 +178,9 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
                                                           else tuple(c.up_heads))
     if not c.resample_with_conv:
         raise UnsupportedConfigError("resample_with_conv=False has no diffusers equivalent")
+    if c.low_res_channels or c.aug_level_embedding:
+        raise UnsupportedConfigError("a super-resolution UNet (low_res_channels, aug_level_embedding) has no "
+                                     "diffusers UNet2DModel equivalent")
     cond = "cross" in down + up + (c.mid_attention,)
     common = dict(in_channels=c.in_channels, out_channels=c.out_channels, center_input_sample=c.center_input_sample,
                   flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift, block_out_channels=list(chs),

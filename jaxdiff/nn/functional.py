@@ -21,7 +21,8 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "lab
     """``apply(params, x (B,H,W,C), model_time (B,), labels (B,) | None, dropout_key=None) -> (B,H,W,C)``, pure.
 
     ``condition="context"``: the fourth argument is the cross-attention context ``(B, S, D)`` instead
-    (``model(x, model_time, context)``, text-conditioned UNets).
+    (``model(x, model_time, context)``, text-conditioned UNets). ``condition="low_res"`` (super-resolution
+    UNets): it is a dict ``{"labels": (B,) | None, "low_res": (B, h, w, C), "aug_level": (B,)}``.
 
     With a ``dropout_key`` the network runs in training mode (dropout masks drawn from that key); without
     one, in evaluation mode (dropout off). ``rest`` (dropout RNG state, if any) is kept as plain arrays
@@ -30,8 +31,8 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "lab
     Keyword arguments after ``dropout_key`` go to the network's call (the UNet's h-space access:
     ``mid_hook=``, ``return_features=True``, which makes ``apply`` return ``(output, h)``).
     """
-    if condition not in ("labels", "context"):
-        raise ValueError(f"condition must be 'labels' or 'context', got {condition!r}")
+    if condition not in ("labels", "context", "low_res"):
+        raise ValueError(f"condition must be 'labels', 'context' or 'low_res', got {condition!r}")
     rest_values = nnx.to_pure_dict(rest)
     has_rngs = bool(jax.tree.leaves(rest_values))
 
@@ -43,6 +44,9 @@ def make_apply(graphdef: nnx.GraphDef, rest: nnx.State, *, condition: str = "lab
             model.eval()
         if condition == "context":
             return model(x, model_time, labels, **hooks)
+        if condition == "low_res":
+            return model(x, model_time, labels=labels["labels"], low_res=labels["low_res"],
+                         aug_level=labels["aug_level"], **hooks)
         return model(x, model_time, labels=labels, **hooks)
     apply.graphdef, apply.rest, apply.condition = graphdef, rest, condition   # to rebuild the module elsewhere
     return apply

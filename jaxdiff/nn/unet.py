@@ -51,6 +51,10 @@ class UNetConfig:
         ``num_classes``) for classifier-free guidance.
       downsample_padding: 1 (symmetric) or 0 (pad bottom/right, LDM style).
       resample_with_conv: learned (conv) resampling, else average-pool / nearest only.
+      low_res_channels: super-resolution: channels of the low-resolution conditioning image, upsampled
+        (bilinear) to the input size and concatenated to it; 0: not a super-resolution model.
+      aug_level_embedding: add an embedding of the noise-conditioning augmentation level (sinusoidal, as
+        the time) to the time embedding (the ``aug_level`` input of a super-resolution model).
     """
 
     in_channels: int = 3
@@ -83,6 +87,8 @@ class UNetConfig:
     downsample_padding: int = 1
     resample_with_conv: bool = True
     dropout: float = 0.0
+    low_res_channels: int = 0
+    aug_level_embedding: bool = False
 
     def replace(self, **kw) -> "UNetConfig":
         """Copy with fields replaced."""
@@ -133,8 +139,10 @@ class UNet(nnx.Module):
                          transformer_depth=c.transformer_depth, linear_projection=c.linear_projection,
                          remat=remat, dtype=dtype, param_dtype=param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.conv_in = Conv2d(c.in_channels, chs[0], 3, **kw)
+        self.conv_in = Conv2d(c.in_channels + c.low_res_channels, chs[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(chs[0], temb_dim, **kw)
+        if c.aug_level_embedding:
+            self.aug_embedding = TimestepEmbedding(chs[0], temb_dim, **kw)
         self.class_embedding = (Embed(c.num_classes + int(c.class_null), temb_dim, **kw)
                                 if c.num_classes else None)
 
@@ -178,7 +186,8 @@ class UNet(nnx.Module):
             raise ValueError("this UNet has no null class (needs num_classes and class_null=True)")
         return self.config.num_classes
 
-    def check_inputs(self, x_shape, context_shape=None, labels_given: bool = False) -> None:
+    def check_inputs(self, x_shape, context_shape=None, labels_given: bool = False, low_res_shape=None,
+                     aug_level_given: bool = False) -> None:
         """Raise ``ValueError`` naming the mismatch if inputs of these shapes cannot be used."""
         c = self.config
         if len(x_shape) != 4:
@@ -201,19 +210,23 @@ class UNet(nnx.Module):
             raise ValueError("this UNet is class-conditional: pass labels (B,)")
         if not c.num_classes and labels_given:
             raise ValueError("labels given but the UNet has no class embedding (num_classes=None)")
+        check_low_res(c, x_shape, low_res_shape, aug_level_given)
 
     def __call__(self, x: jax.Array, t, context: jax.Array | None = None,
-                 labels: jax.Array | None = None, *, mid_hook=None, return_features: bool = False):
+                 labels: jax.Array | None = None, low_res: jax.Array | None = None,
+                 aug_level: jax.Array | None = None, *, mid_hook=None, return_features: bool = False):
         """``x``: ``(B, H, W, in_channels)``; ``t``: ``(B,)`` or scalar time steps;
-        ``context``: ``(B, S, cross_attention_dim)``; ``labels``: ``(B,)`` ints
-        -> ``(B, H, W, out_channels)``.
+        ``context``: ``(B, S, cross_attention_dim)``; ``labels``: ``(B,)`` ints; super-resolution models:
+        ``low_res`` ``(B, H/f, W/f, low_res_channels)`` and ``aug_level`` ``(B,)`` or scalar (embedded like
+        ``t``) -> ``(B, H, W, out_channels)``.
 
         h-space (the bottleneck: the mid block's output, or the last down block's without a mid block),
         ``(B, H / 2^(levels-1), W / 2^(levels-1), block_out_channels[-1])``:
         ``mid_hook(h) -> h`` of the same shape replaces it before the decoder runs (e.g. a guidance step,
         ``jaxdiff.research.debias``); ``return_features=True`` returns ``(output, h)`` with ``h`` as the
         encoder produced it (before any hook)."""
-        self.check_inputs(np.shape(x), None if context is None else np.shape(context), labels is not None)
+        self.check_inputs(np.shape(x), None if context is None else np.shape(context), labels is not None,
+                          None if low_res is None else np.shape(low_res), aug_level is not None)
         c = self.config
         x = jnp.asarray(x, self.dtype)
         if c.center_input_sample:
@@ -224,8 +237,15 @@ class UNet(nnx.Module):
             t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift))
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(labels)
+        if c.aug_level_embedding:
+            s = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32).reshape(-1), (b,))
+            temb = temb + self.aug_embedding(timestep_embedding(
+                s, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift))
         if context is not None:
             context = jnp.asarray(context, self.dtype)
+        if c.low_res_channels:
+            up = jax.image.resize(jnp.asarray(low_res, self.dtype), x.shape[:3] + (low_res.shape[-1],), "linear")
+            x = jnp.concatenate([x, up], axis=-1)
         h = self.conv_in(x)
         skips = [h]
         for blk in self.down_blocks:
@@ -245,6 +265,26 @@ class UNet(nnx.Module):
         h = jax.nn.silu(self.conv_norm_out(h))
         out = self.conv_out(h)
         return (out, features) if return_features else out
+
+
+def check_low_res(c: UNetConfig, x_shape, low_res_shape, aug_level_given: bool) -> None:
+    """ValueError unless a super-resolution UNet (``low_res_channels``) gets a ``(B, H/f, W/f, C_lr)`` low-res
+    image (integer ``f``) and an ``aug_level`` when it embeds one, and any other UNet gets neither."""
+    if not c.low_res_channels:
+        if low_res_shape is not None:
+            raise ValueError("low_res given but the UNet is not a super-resolution model (low_res_channels=0)")
+    elif low_res_shape is None:
+        raise ValueError(f"this UNet is a super-resolution model: pass low_res (B, h, w, {c.low_res_channels})")
+    else:
+        lr = tuple(low_res_shape)
+        if (len(lr) != 4 or lr[0] != x_shape[0] or lr[-1] != c.low_res_channels or not lr[1] or not lr[2]
+                or x_shape[1] % lr[1] or x_shape[2] % lr[2] or lr[1] > x_shape[1] or lr[2] > x_shape[2]):
+            raise ValueError(f"low_res must have shape ({x_shape[0]}, h, w, {c.low_res_channels}) with h, w dividing "
+                             f"the input's {x_shape[1]}x{x_shape[2]}, got {lr}")
+    if c.aug_level_embedding and not aug_level_given:
+        raise ValueError("this UNet embeds a conditioning-augmentation level: pass aug_level (B,)")
+    if aug_level_given and not c.aug_level_embedding:
+        raise ValueError("aug_level given but the UNet has no augmentation-level embedding (aug_level_embedding=False)")
 
 
 def count_params(model: nnx.Module) -> int:

@@ -108,6 +108,12 @@ def default_config() -> ConfigDict:
         alpha=None,              # delta scale alpha / rank; None: alpha = rank
         dropout=0.0,
     ))
+    c.cascade = ConfigDict(dict(         # super-resolution stage of a cascade (jaxdiff/cascade.py, docs/cascade.md)
+        low_res_size=None,       # size of the low-res image it is conditioned on (the batch downsampled in the
+                                 # step, upsampled and concatenated to the input); None = not super-resolution
+        aug_min=0.0,             # Gaussian conditioning augmentation: level s ~ U[aug_min, aug_max] per example
+        aug_max=0.0,             # (times of config.process; 0 = clean), fed to the UNet like the time
+    ))
     c.optim = ConfigDict(dict(lr=1e-3, warmup_steps=200, schedule="cosine",   # "cosine" | "constant"
                               end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                               clip_norm=1.0))
@@ -169,7 +175,7 @@ NULLABLE = {"data.label_key", "model.num_classes", "model.mid_attention", "optim
 OPTIONAL_TYPES = {
     "data.data_dir": (str,), "train.peak_tflops": (int, float), "sample.guidance_scale": (int, float),
     "latent.autoencoder": (str,), "latent.size": (int,), "latent.channels": (int,),
-    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float),
+    "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "cascade.low_res_size": (int,),
     "data.caption_key": (str,), "model.cross_attention_dim": (int,), "text.encoder": (str,),
     "lora.base": (str,), "lora.alpha": (int, float), "sadm.disc_lr": (int, float),
 }
@@ -291,6 +297,8 @@ def check_values(c: ConfigDict) -> None:
         channels = _get(c, key)
         if not channels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in channels):
             raise ValueError(f"config key {key!r} must be a non-empty tuple of positive ints, got {channels!r}")
+    if c.cascade.low_res_size is not None:
+        check_cascade_values(c)
     if c.task == "lora":
         if not c.lora.base:
             raise ValueError("task='lora' needs a frozen base: set config key 'lora.base' to a jaxdiff training "
@@ -302,6 +310,22 @@ def check_values(c: ConfigDict) -> None:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:
             raise ValueError(f"config section 'sample': {e}") from None
+
+
+def check_cascade_values(c: ConfigDict) -> None:
+    """The ``cascade`` section of a super-resolution run: a low-res size that divides the image size, an
+    augmentation range inside the process's times, a pixel-space diffusion task without training sample grids."""
+    lr, size = c.cascade.low_res_size, c.data.image_size
+    if c.task != "diffusion" or c.latent.autoencoder:
+        raise ValueError("config key 'cascade.low_res_size' applies to pixel diffusion (task='diffusion', no latent)")
+    if lr < 1 or lr >= size or size % lr:
+        raise ValueError(f"config key 'cascade.low_res_size' must be smaller than and divide data.image_size "
+                         f"({size}), got {lr}")
+    _check_range("cascade.aug_min", c.cascade.aug_min, 0)
+    _check_range("cascade.aug_max", c.cascade.aug_max, c.cascade.aug_min, 1)
+    if c.train.sample_every:
+        raise ValueError("config key 'train.sample_every' must be 0 for a super-resolution run (cascade.low_res_size "
+                         "set): sample it in its cascade with jaxdiff-sample --cascade")
 
 
 def _get(c: ConfigDict, dotted: str):

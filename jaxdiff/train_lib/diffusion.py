@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import losses
+from jaxdiff.cascade import training_condition
 from jaxdiff.nn import UNetConfig
 from jaxdiff.nn.functional import make_apply, split_model
 from jaxdiff.nn.sharding import batch_sharding, state_shardings
@@ -66,6 +67,11 @@ class DiffusionExperiment:
         return {"image": batch_sharding(self.mesh, 4), "label": batch_sharding(self.mesh, 1)}
 
     @property
+    def super_res(self) -> bool:
+        """Whether this is a super-resolution stage of a cascade (``config.cascade.low_res_size``)."""
+        return self.config.cascade.low_res_size is not None
+
+    @property
     def model_shape(self) -> tuple[int, int, int]:
         """``(H, W, C)`` the network sees: the images, or the latents of latent diffusion."""
         if self.autoencoder is not None:
@@ -81,7 +87,10 @@ class DiffusionExperiment:
                                grad_accum=c.train.grad_accum,
                                label_dropout=c.train.label_dropout if self.conditional else 0.0,
                                null_class=c.model.num_classes if self.unet.class_null else None,
-                               ema_decay=c.train.ema_decay, conditional=self.conditional)
+                               ema_decay=c.train.ema_decay, conditional=self.conditional,
+                               low_res_condition=training_condition(self.process, c.cascade.low_res_size,
+                                                                    c.cascade.aug_min, c.cascade.aug_max)
+                               if self.super_res else None)
         if self.autoencoder is None:
             return step
         encode = self.autoencoder.encode
@@ -98,7 +107,9 @@ class DiffusionExperiment:
                              shape=self.model_shape, num_classes=c.model.num_classes if self.conditional else None,
                              class_null=self.unet.class_null,
                              decode=self.autoencoder.decode if self.autoencoder is not None else None,
-                             defaults=self.sample_settings.as_dict(), step=step, source=source)
+                             defaults=self.sample_settings.as_dict(), step=step, source=source,
+                             low_res_shape=((c.cascade.low_res_size,) * 2 + (c.data.channels,)) if self.super_res
+                             else None, aug_range=(c.cascade.aug_min, c.cascade.aug_max))
 
     def write_samples(self, state: TrainState, batch_images, workdir: str, step: int) -> None:
         """``<workdir>/samples/step_*.png``: ``sample.num`` samples (classes cycled, one per column) with
@@ -155,6 +166,8 @@ def build_diffusion_experiment(config, mesh: Mesh, *, parts: tuple | None = None
     if settings.guidance_scale is not None and not unet.class_null and condition == "labels":
         raise ValueError("config key 'sample.guidance_scale' needs a model trained with label dropout (a null "
                          "class): set train.label_dropout > 0 or sample.guidance_scale=None")
+    if unet.low_res_channels:        # a super-resolution stage of a cascade: conditioned on a dict
+        condition = "low_res"
     return (experiment_cls or DiffusionExperiment)(
         config=config, mesh=mesh, process=process, loss_fn=loss_fn, unet=unet,
         apply=make_apply(graphdef, rest, condition=condition), optimizer=optimizer, schedule=schedule,

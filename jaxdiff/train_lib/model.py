@@ -16,8 +16,10 @@ def unet_config(config) -> UNetConfig:
     m = config.model
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k not in _NOT_UNET_FIELDS}
     channels = config.latent.channels if config.latent.autoencoder else config.data.channels
+    super_res = config.cascade.low_res_size is not None      # a super-resolution stage of a cascade
     cfg = UNetConfig(in_channels=channels, out_channels=channels,
-                     class_null=bool(m.num_classes) and config.train.label_dropout > 0, **fields)
+                     class_null=bool(m.num_classes) and config.train.label_dropout > 0,
+                     low_res_channels=channels if super_res else 0, aug_level_embedding=super_res, **fields)
     return cfg
 
 

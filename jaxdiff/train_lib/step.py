@@ -12,6 +12,9 @@ import optax
 from jaxdiff.train_lib.state import TrainState, skip_if_nonfinite
 
 
+LOW_RES_KEY_TAG = 7    # fold_in tag of a super-resolution step's augmentation key (other keys are unchanged)
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     """EMA decay with the usual warm-up, ``min(decay, (1 + step) / (10 + step))``."""
     step = step.astype(jnp.float32)
@@ -33,7 +36,8 @@ def drop_labels(key: jax.Array, labels: jax.Array, rate: float, null_class) -> j
 def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.Array], optimizer,
                     schedule, *, grad_accum: int = 1, label_dropout: float = 0.0,
                     null_class: int | None = None, ema_decay: float = 0.999,
-                    conditional: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    conditional: bool = True,
+                    low_res_condition: Callable[[jax.Array, jax.Array], dict] | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)``, pure (jit it with donated state).
 
     Args:
@@ -41,6 +45,9 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
         (``train_lib.model.make_apply``; the key draws dropout masks).
       loss_fn: ``loss_fn(apply_fn, x0, key, labels=...) -> (B,)`` (``losses.make_denoising_loss``).
       batch: ``{"image": (B,H,W,C) float32 in [-1, 1], "label": (B,) int}``; B divisible by ``grad_accum``.
+      low_res_condition: super-resolution: ``(key, images (B,H,W,C)) -> {"low_res": ..., "aug_level": ...}``
+        (``jaxdiff.cascade.training_condition``); the network's conditioning becomes that dict with
+        ``"labels"`` added (``make_apply(condition="low_res")``). Its key is folded from the step's own.
     metrics: ``loss``, ``grad_norm`` (before clipping), ``lr``: float32 scalars.
     """
     if grad_accum < 1:
@@ -53,6 +60,9 @@ def make_train_step(apply: Callable[..., jax.Array], loss_fn: Callable[..., jax.
         if conditional:
             labels = drop_labels(k_drop, labels, label_dropout, null_class)
         net_labels = labels if conditional else None
+        if low_res_condition is not None:
+            net_labels = {"labels": net_labels,
+                          **low_res_condition(jax.random.fold_in(key, LOW_RES_KEY_TAG), images)}
         per_example = loss_fn(lambda x, t: apply(params, x, t, net_labels, k_dropout), images, k_loss)
         return jnp.mean(per_example)
 
