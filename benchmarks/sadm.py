@@ -2,7 +2,7 @@
 batch, steps and learning rate, with and without the structural term.
 
     python benchmarks/sadm.py --part mixture --seeds 5     # 25-mode 2-D grid, MLP denoiser (minutes)
-    python benchmarks/sadm.py --part digits --seeds 2      # configs/sadm_digits.py vs weight 0 (long)
+    python benchmarks/sadm.py --part digits --seeds 1 --weights 0,0.1,0.01   # configs/sadm_digits.py (long)
     python benchmarks/sadm.py --report                     # rewrite the .md from the .json
 
 2-D: mode coverage, high-quality-sample rate, MMD, Frechet distance and k-NN precision / recall of 2,000
@@ -94,7 +94,7 @@ def run_digits(seeds: int, steps: int, weights: list[float], workroot: str, num:
 
 def _stats(values) -> str:
     v = np.asarray(values, np.float64)
-    return f"{v.mean():.4g} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2g}"
+    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v[0]:.4g}"
 
 
 def _by_weight(runs):

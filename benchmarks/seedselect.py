@@ -236,7 +236,8 @@ def main():
         log(f"seed {seed} random seeds: {row['random']}")
         if search is None:          # one compiled iteration for every run seed and both variants
             search = SeedSelect(model, settings, refs, semantic_fn=classifier_features(clf.fn), label=RARE,
-                                done_fn=predicts_class(clf.fn, RARE), config=SeedSelectConfig(iterations=args.iterations))
+                                done_fn=predicts_class(clf.fn, RARE),
+                                config=SeedSelectConfig(iterations=args.iterations))
         else:
             search = search.with_references(refs)
         for name, early in (("seedselect", True), ("seedselect_no_early_stop", False)):
@@ -244,7 +245,8 @@ def main():
             r = score(res.images, judge, clf.fn, refs)
             r.update(iterations_mean=float(res.iterations.mean()), done_fraction=float(res.done.mean()),
                      iterations=res.iterations.tolist(), seconds_per_iteration=res.seconds_per_iteration,
-                     compile_seconds=res.compile_seconds, seed_shift_rms=float(np.sqrt(np.mean((res.seeds - x_T) ** 2))),
+                     compile_seconds=res.compile_seconds,
+                     seed_shift_rms=float(np.sqrt(np.mean((res.seeds - x_T) ** 2))),
                      loss_first=float(np.nanmean(res.losses[0])),
                      loss_last=float(np.nanmean(res.losses[~np.isnan(res.losses).all(1)][-1])))
             if not early:                           # the sampler's own images of the optimised seeds
@@ -325,7 +327,8 @@ def write_markdown(path: str, meta: dict, rows: list[dict]) -> None:
         it_max=max(int(np.max([i for i in r["seedselect"]["iterations"] if i < meta["iterations"]] or [0]))
                    for r in rows),
         acc_loss_e=_mean(rows, "seedselect", "loss_classifier_accuracy"), svm_test_rare=real["svm_test_accuracy_rare"],
-        div_drop=100 * (1 - _mean(rows, "seedselect_no_early_stop", "diversity") / _mean(rows, "random", "diversity")), total=len(rows) * meta["batch"],
+        div_drop=100 * (1 - _mean(rows, "seedselect_no_early_stop", "diversity") / _mean(rows, "random", "diversity")),
+        total=len(rows) * meta["batch"],
         shift_e=_mean(rows, "seedselect", "seed_shift_rms"), shift_a=_mean(rows, "seedselect_no_early_stop",
                                                                            "seed_shift_rms"),
         loss0=_mean(rows, "seedselect_no_early_stop", "loss_first"),
@@ -381,7 +384,7 @@ at toy scale.
   real digits {rare} (train + test): {div_real:.2f}. *Distance to nearest reference*: mean over samples of the
   L2 distance to the closest of the {refs} references (a copy would give ~0).
 - Run seeds 0..{seeds_minus_1}: each draws {batch} start noises, used for random seeds and for SeedSelect alike.
-  Machine: {machine}, shared with other jobs (load average 20-35 during the run), so times are upper
+  Machine: {machine}, shared with other jobs (load average 12-34 observed during the run), so times are upper
   bounds. {date}.
 
 ## Results (mean ± std over {seeds} run seeds of {batch} samples)
@@ -427,7 +430,8 @@ FINDINGS = """## Findings
   {div_drop:.0f}%, because the appearance loss pulls every sample toward the same mean reference image
   (distance to the nearest reference {near_r:.2f} -> {near_a:.2f}; closer to the references, not copies).
   The paper claims diversity is kept; here it is kept only with the early stop. The loss falls from
-  {loss0:.3f} to {loss1:.3f} over the {iterations} iterations, with the seeds moving by RMS {shift_a:.3f} (their std is 1).
+  {loss0:.3f} to {loss1:.3f} over the {iterations} iterations, with the seeds moving by RMS {shift_a:.3f}
+  (their std is 1).
 - **Time**: {spi:.1f} s per iteration for {batch} seeds at once on the loaded 2-core CPU (20 DDIM steps
   forward and a rematerialised backward through all of them).
 - **Deviations and not reproduced**: no classifier-free guidance (official: 7.5) in either arm; CLIP and the

@@ -65,6 +65,11 @@ def test_bad_input_errors():
         def __call__(self, x):
             return jnp.roll(self.conv(x), 1, axis=1)
 
+    if "low_res_channels" in UNetConfig.__dataclass_fields__:
+        sr = UNet(ADM.replace(low_res_channels=2), rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match="does not cover super-resolution UNets"):
+            PatchParallelUNet.from_module(sr, DistriConfig(patches=2))
+
     unet.down_blocks[0].resnets[0].conv1 = ShiftedConv(unet.down_blocks[0].resnets[0].conv1)
     with pytest.raises(ValueError, match=r"does not cover the layer down_blocks/0/resnets/0/conv1 .*ShiftedConv"):
         PatchParallelUNet.from_module(unet, DistriConfig(patches=2))

@@ -1,6 +1,7 @@
 """SeedSelect (jaxdiff.research.seedselect): the seed gradient through the compiled sampler against float64
 finite differences on the analytic mixture, the segmented run against the one-piece run, the loss decreasing
 on a tiny problem with early stop, the memory saved by rematerialisation, and bad input."""
+import dataclasses
 import functools
 
 import jax
@@ -151,6 +152,8 @@ def test_bad_input_is_rejected_before_any_work():
         SeedSelect(model, settings, np.zeros((0,) + SHAPE), semantic_fn=_semantic)
     with pytest.raises(ValueError, match="reference images must have shape"):
         SeedSelect(model, settings, np.zeros(SHAPE), semantic_fn=_semantic)
+    with pytest.raises(ValueError, match="super-resolution stages"):
+        SeedSelect(dataclasses.replace(model, low_res_shape=(1, 1, 1)), settings, refs, semantic_fn=_semantic)
     with pytest.raises(ValueError, match="label given but the model is unconditional"):
         SeedSelect(model, settings, refs, semantic_fn=_semantic, label=1)
     with pytest.raises(ValueError, match=r"needs label in \[0, 10\)"):

@@ -14,8 +14,8 @@ from jaxdiff import sample
 from jaxdiff.analytic import GaussianMixture
 from jaxdiff.noise import VPLinear, make_process
 from jaxdiff.research.singdiffusion import (ModuleSpec, SingDiffusionModule, build_module, check_compatible, fit,
-                                            load_module, module_loss, save_module, singdiffusion_start,
-                                            train_module, with_singdiffusion)
+                                            load_module, module_loss, module_prediction, save_module,
+                                            singdiffusion_start, train_module, with_singdiffusion)
 from jaxdiff.sampling import Sampler, SamplerSettings, SamplingModel
 
 SHAPE = (4, 4, 1)
@@ -117,7 +117,7 @@ def test_objective_is_minimised_by_the_class_mean():
 
 
 def test_module_file_roundtrip(tmp_path):
-    spec = ModuleSpec((8, 8, 1), 3, class_null=True, data="d", channels=(8, 16))
+    spec = ModuleSpec((8, 8, 1), 3, class_null=True, data="d", channels=(8,))
     fresh = build_module(spec, seed=0)
     module = dataclasses.replace(fresh, params=jax.tree.map(
         lambda p: p + 0.01 * jax.random.normal(jax.random.key(p.size), p.shape), fresh.params))
@@ -141,6 +141,8 @@ def test_mismatched_module_fails_clearly(tmp_path):
         with_singdiffusion(model, module, data="digits")
     with pytest.raises(ValueError, match="null class"):
         check_compatible(module, model, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="null class"):
+        singdiffusion_start(module, PROCESS, jnp.zeros((2,) + SHAPE), 1.0, jnp.zeros((2,), int), guidance_scale=2.0)
     with pytest.raises(ValueError, match="already has a start step"):
         with_singdiffusion(with_singdiffusion(model, module), module)
     with pytest.raises(ValueError, match=r"trained for samples of shape"):
@@ -156,3 +158,15 @@ def test_mismatched_module_fails_clearly(tmp_path):
         load_module(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="not divisible"):
         ModuleSpec((6, 6, 1), channels=(8, 16, 32))
+
+
+def test_guided_module_prediction_is_the_official_normalised_combination():
+    table = jnp.asarray([-0.7, 0.6, 0.1])              # classes 0, 1 and the null class 2
+    module = dataclasses.replace(optimal_module(), spec=ModuleSpec(SHAPE, 2, class_null=True), params={"mean": table})
+    x1, labels = jnp.zeros((2,) + SHAPE), jnp.array([0, 1])
+    g = 4.0
+    got = module_prediction(module, module.params, x1, labels, guidance_scale=g)
+    want = (table[2] + g * (table[labels] - table[2])) / g
+    np.testing.assert_allclose(got[:, 0, 0, 0], want, rtol=1e-6)
+    np.testing.assert_allclose(module_prediction(module, module.params, x1, labels, guidance_scale=1.0)[:, 0, 0, 0],
+                               table[labels], rtol=1e-6)        # g <= 1: the conditional branch alone, as official

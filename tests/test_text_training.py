@@ -205,3 +205,15 @@ def test_captions_without_a_text_encoder_and_a_text_run_without_captions_fail(tm
     c = tiny_text_config(str(tmp_path), **{"data.caption_key": None})
     with pytest.raises(ValueError, match="needs captions.*captioned_digits"):
         build_experiment(c, make_mesh())
+
+
+def test_a_clip_bpe_tokenizer_folder_serves_a_trained_encoder_with_its_window(tmp_path):
+    pytest.importorskip("tokenizers")
+    from test_text_to_image import write_tokenizer_files
+    from jaxdiff.train_lib.text_diffusion import make_tokenizer
+    n = write_tokenizer_files(str(tmp_path), max_length=77)
+    c = tiny_text_config(str(tmp_path), **{"text.tokenizer": str(tmp_path), "text.max_length": 8})
+    tok = make_tokenizer(c.text)
+    with pytest.warns(UserWarning, match="truncated"):
+        ids = tok(["a thick seven", "a thick seven " * 6])
+    assert ids.shape == (2, 8) and tok.vocab_size == n and ids[1, -1] == tok.eos_token_id

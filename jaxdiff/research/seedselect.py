@@ -49,7 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.sampling import SamplerSettings, SamplingModel, load_learned_grid, make_denoiser, time_grid, LEARNED_PREFIX
+from jaxdiff.sampling import (LEARNED_PREFIX, SamplerSettings, SamplingModel, load_learned_grid, make_denoiser,
+                              time_grid)
 from jaxdiff.solvers import DDIM, DDPM, Euler, Heun, make_solver, sample
 
 Array = jax.Array
@@ -211,6 +212,9 @@ class SeedSelect:
         if model.context_shape is not None:
             raise ValueError("SeedSelect: context-conditioned (text) models are not supported here; "
                              "use a class-conditional or unconditional model")
+        if getattr(model, "low_res_shape", None) is not None:
+            raise ValueError("SeedSelect: super-resolution stages (conditioned on a low-resolution image) are not "
+                             "supported; optimise the seed of the base stage")
         if model.num_classes:
             if label is None or isinstance(label, bool) or not 0 <= int(label) < model.num_classes:
                 raise ValueError(f"SeedSelect: a class-conditional model needs label in [0, {model.num_classes}), "

@@ -225,6 +225,8 @@ def module_prediction(module: SingDiffusionModule, params: Any, x1: jax.Array, l
     y = module.apply(params, x1, labels)
     if guidance_scale is None or guidance_scale <= 1:
         return y
+    if not module.spec.class_null:
+        raise ValueError("guidance_scale > 1 needs a module trained with label_dropout (a null class)")
     y_u = module.apply(params, x1, jnp.full_like(labels, module.spec.num_classes))
     return (y_u + guidance_scale * (y - y_u)) / guidance_scale
 

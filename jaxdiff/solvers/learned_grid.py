@@ -194,10 +194,12 @@ def teacher_solution(denoiser, process: NoiseProcess, x_T: Array, grid_start: fl
 # learn_grid
 # ----------------------------------------------------------------------------------------------------
 
-def make_grid_loss(denoiser, process: NoiseProcess, solver: Any, init_grid, *, distance=None, **sample_kwargs):
+def make_grid_loss(denoiser, process: NoiseProcess, solver: Any, init_grid, *, distance=None, per_sample=False,
+                   **sample_kwargs):
     """(loss(theta, x_T, target), theta0): the calibration loss of the grid with parameters theta (the frame:
-    end points and any sigma = 0 tail, taken from `init_grid`) and the parameters of `init_grid` itself.
-    `learn_grid` minimizes it; exposed for tests (gradient against finite differences) and custom loops."""
+    end points and any sigma = 0 tail, taken from `init_grid`) and the parameters of `init_grid` itself;
+    `per_sample`: the (B,) distances instead of their mean. `learn_grid` minimizes it; exposed for tests
+    (gradient against finite differences) and custom loops."""
     solver = make_solver(solver) if isinstance(solver, str) else solver
     frame = _frame(process, np.asarray(init_grid, np.float64))
     dist = _sq_l2 if distance is None else distance
@@ -205,7 +207,8 @@ def make_grid_loss(denoiser, process: NoiseProcess, solver: Any, init_grid, *, d
     def loss_fn(theta, x_T, target):
         grid = params_to_grid(process, theta, frame)
         x = sample(denoiser, process, x_T, grid, solver=solver, **sample_kwargs)
-        return jnp.mean(dist(x, target.astype(x.dtype)))
+        d = dist(x, target.astype(x.dtype))
+        return d if per_sample else jnp.mean(d)
 
     return loss_fn, grid_to_params(process, init_grid)
 
@@ -246,7 +249,8 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
                prediction: str = "eps", cond: Any = None, uncond: Any = None,
                guidance_scale: float | None = None, distance: Callable[[Array, Array], Array] | None = None,
                t_start: float | None = None, t_end: float | None = None, final: str = "t_min",
-               remat: bool = False, model: str | None = None) -> LearnedGrid:
+               remat: bool = False, model: str | None = None, soft_teacher_forcing: Any = None,
+               shift_lr: float | None = None) -> LearnedGrid:
     """Learn the time grid of a few-step deterministic sampler by gradient descent through it.
 
     Args:
@@ -270,6 +274,12 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
         an explicit init grid sets them itself.
       remat: rematerialise each model call in the backward pass (jax.checkpoint): memory for networks.
       model: a name or hash (`timesteps.learned.tree_hash(params)`) recorded as provenance.
+      soft_teacher_forcing: LD3's surrogate. None (default): fit student(x_T) to teacher(x_T). A radius r,
+        or "ld3" for LD3's rule r = 0.001 * D / steps^2 (D: elements of one sample): the student starts from
+        x'_T, a per-sample copy of the noise that moves (gradient step of `shift_lr` on its own loss, kept
+        only where that loss falls) inside the L2 ball of radius r around x_T, so the few parameters are
+        not asked to map every noise exactly. The returned grid and its losses are for the real x_T.
+      shift_lr: step size of x'_T (default LD3's 12 / steps).
     Returns:
       LearnedGrid (grid, losses, timings, provenance; `.save(path)`).
     Raises:
@@ -287,6 +297,11 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
         raise ValueError(f"optimizer steps must be an integer >= 0, got {steps!r}")
     if not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+
+    if soft_teacher_forcing is not None and not (soft_teacher_forcing == "ld3" or (
+            isinstance(soft_teacher_forcing, (int, float)) and not isinstance(soft_teacher_forcing, bool)
+            and np.isfinite(soft_teacher_forcing) and soft_teacher_forcing > 0)):
+        raise ValueError(f"soft_teacher_forcing must be None, 'ld3' or a positive radius, got {soft_teacher_forcing!r}")
 
     # the grid's frame and the initial grid(s)
     explicit = not isinstance(init, (str, list, tuple)) or (
@@ -348,6 +363,14 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
 
     sched = optax.cosine_decay_schedule(lr, max(int(steps), 1))
     opt = optax.adam(sched)
+    radius = shift = None
+    if soft_teacher_forcing is not None:
+        dim = int(np.prod(x_T.shape[1:]))
+        radius = 0.001 * dim / grid_steps ** 2 if soft_teacher_forcing == "ld3" else float(soft_teacher_forcing)
+        shift = 12.0 / grid_steps if shift_lr is None else float(shift_lr)
+        stf_run = _soft_teacher_forcing_run(make_grid_loss(den, process, solver, cands[0][1], distance=distance,
+                                                             per_sample=True, **sample_kw)[0],
+                                              loss_fn, opt, int(steps), radius, shift, pdtype)
 
     def run(theta0, x_T, target):
         def body(carry, _):
@@ -371,7 +394,7 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
         theta, loss, hist, compile_s, learn_s = theta0, losses[k], np.zeros((0,)), 0.0, 0.0
     else:
         t0 = time.perf_counter()
-        compiled = jax.jit(run).lower(theta0, x_T, target).compile()
+        compiled = jax.jit(run if radius is None else lambda *a: stf_run(*a)[:3]).lower(theta0, x_T, target).compile()
         compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         theta, loss, hist = jax.block_until_ready(compiled(theta0, x_T, target))
@@ -392,12 +415,49 @@ def learn_grid(denoiser: Callable[..., Array], process: NoiseProcess, solver: An
         "loss_fn": "mean squared error" if distance is None else getattr(distance, "__name__", repr(distance)),
         "optimizer": {"name": "adam", "lr": float(lr), "schedule": "cosine", "steps": int(steps)},
         "parameterization": "softmax logSNR increments, end points fixed", "final": final,
+        "soft_teacher_forcing": None if radius is None else {"radius": radius, "shift_lr": shift},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "jax": jax.__version__,
     }
     return LearnedGrid(grid=grid, init_grid=np.asarray(init_grid, np.float64), init_name=init_name,
                        loss_init=float(loss0), loss=loss, history=np.asarray(hist), teacher_s=teacher_s,
                        compile_s=compile_s, learn_s=learn_s, provenance=provenance)
+
+
+def _soft_teacher_forcing_run(per_sample_loss, loss_fn, opt, steps: int, radius: float, shift: float, pdtype):
+    """The optimizer loop of LD3's soft teacher forcing: `run(theta0, x_T, target) -> (theta, loss, history,
+    x')`, x' (B, ...) the moved noises at the end.
+
+    Each step: the grid gradient of the mean loss at the moved noises x' (Adam), and for x' a gradient step on
+    each sample's own loss, projected back into the ball |x' - x_T| <= radius and kept only where that
+    sample's loss (with the updated grid) fell -- the acceptance rule of the official code. The grid returned
+    is the last one (the surrogate loss of different x' is not comparable across steps); its loss is on x_T.
+    """
+    def vec(theta, x, target):
+        v = per_sample_loss(theta, x, target)
+        return jnp.mean(v), v
+
+    def run(theta0, x_T, target):
+        def body(carry, _):
+            theta, state, x = carry
+            (loss, v), (g, gx) = jax.value_and_grad(vec, argnums=(0, 1), has_aux=True)(theta, x, target)
+            ok = jnp.isfinite(loss) & jnp.all(jnp.isfinite(g)) & jnp.all(jnp.isfinite(gx))
+            upd, state = opt.update(jnp.where(ok, g, 0.0), state, theta)
+            theta = optax.apply_updates(theta, upd)
+            n = x.shape[0]
+            prop = x - shift * n * jnp.where(ok, gx, 0.0)        # n * d(mean)/dx_b = d(loss_b)/dx_b
+            diff = (prop - x_T).reshape(n, -1)
+            norm = jnp.sqrt(jnp.sum(diff * diff, axis=1))
+            scale = jnp.where(norm > radius, radius / jnp.maximum(norm, 1e-30), 1.0)
+            prop = x_T + (diff * scale[:, None]).reshape(x.shape)
+            accept = per_sample_loss(theta, prop, target) < v
+            x = jnp.where(accept.reshape((n,) + (1,) * (x.ndim - 1)), prop, x)
+            return (theta, state, x), loss
+
+        (theta, _, x), hist = jax.lax.scan(body, (theta0, opt.init(theta0), x_T), None, length=steps)
+        return theta, loss_fn(theta, x_T, target).astype(pdtype), hist, x
+
+    return run
 
 
 def _xue_ok(solver, final) -> bool:

@@ -35,6 +35,11 @@ def check_covered(unet: nnx.Module) -> None:
     a subclass may compute something else)."""
     if type(unet) is not UNet:
         raise ValueError(f"patch parallelism covers jaxdiff.nn.unet.UNet, got {type(unet).__name__}")
+    c = unet.config
+    for field in ("low_res_channels", "aug_level_embedding"):      # super-resolution inputs: not walked
+        if getattr(c, field, None):
+            raise ValueError(f"patch parallelism does not cover super-resolution UNets ({field}={getattr(c, field)!r}): "
+                             "the low-resolution conditioning input is not split into patches")
     bad = sorted(((tuple(path), type(m)) for path, m in nnx.iter_modules(unet) if type(m) not in COVERED),
                  key=lambda pm: len(pm[0]))
     if bad:                                   # the outermost unknown layer (not a piece inside it)
