@@ -7,7 +7,10 @@ noise-conditioning augmentation. The 8x8 input is the batch downsampled inside t
     python train.py --config configs/cascade_digits_sr16.py:noaug --workdir runs/cascade_sr16_noaug  # s = 0
 
 The argument ``noaug`` trains without augmentation (the ablation of benchmarks/cascade.py).
-RUNTIME (measured, see benchmarks/results/cascade.md).
+Runtime, measured on the shared 2-core CPU machine under heavy load from other jobs (load average 25-35),
+2026-11-30: 400 steps (benchmarks/cascade.py's override of train.steps) in 1,216 s and 1,226 s (seeds 0, 1),
+6 min of it compiling; 5.35 GFLOP/step (XLA's estimate), 0.6-0.7 steps/s. The full 1,000 steps were not run
+here. Results: benchmarks/results/cascade.md.
 """
 from jaxdiff.train_lib.config import default_config
 
