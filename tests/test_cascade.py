@@ -123,6 +123,7 @@ def stages(data_dir):
     return out
 
 
+@pytest.mark.slow      # 21 s on 2 cores; the stage and level checks stay default
 def test_cascade_samples_do_not_depend_on_chunking_and_truncation_runs(stages):
     s2 = SamplerSettings(steps=2)
     cascade = [CascadeStage(stages["base"], s2), CascadeStage(stages["sr"], SamplerSettings(steps=2, guidance_scale=2.0),

@@ -116,6 +116,7 @@ def _state(workdir):
     return s, out.state
 
 
+@pytest.mark.slow      # 27 s of the default suite on 2 cores; the step-level checks above stay default
 def test_sadm_task_trains_and_resumes_bitwise(tmp_path, data_dir):  # noqa: F811
     one = jax.devices()[:1]
     every = dict(checkpoint=1)

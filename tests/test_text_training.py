@@ -156,6 +156,7 @@ def test_sampling_a_text_run_with_prompts(text_run, tmp_path, capsys):
     assert "is a text-conditioned run: give --prompt" in capsys.readouterr().err
 
 
+@pytest.mark.slow      # 22 s on 2 cores (builds a CLIP folder and a train state)
 def test_frozen_encoder_from_a_clip_folder_stays_out_of_the_train_state(tmp_path):
     from flax import nnx
 
