@@ -9,7 +9,6 @@ import functools
 import importlib
 import math
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import pytest
 
 from jaxdiff.noise import EDM, NoiseProcess, VPDiscrete, make_process
 from jaxdiff.timesteps import grids
-from jaxdiff.timesteps.cache import cache_key, load_cache, optimized_grid
+from jaxdiff.timesteps.cache import cache_key, optimized_grid
 from jaxdiff.timesteps.objective import objective, order_pattern
 from jaxdiff.timesteps.optimize import optimize, trace_count
 
@@ -459,37 +458,3 @@ def test_cache_miss_optimizes_writes_and_hits(tmp_path, monkeypatch):
     vp32 = VPDiscrete(log_alphas=jnp.asarray(np.asarray(vp.log_alphas, np.float32)))
     assert vp32.log_alphas.dtype == jnp.float32
     assert cache_key(vp32, "unipc", 3, 8) == cache_key(vp, "unipc", 3, 8)
-
-
-@pytest.mark.parametrize("name", ["vp_linear", "vp_continuous_linear", "edm"])
-def test_shipped_cache_covers_common_cases(name):
-    proc = make_process(name)
-    entries = load_cache()
-    for solver in ("dpm_solver++", "unipc"):
-        for order in (2, 3):
-            for nfe in range(5, 16):
-                for p in (1.0, 2.0):
-                    assert cache_key(proc, solver, order, nfe, p=p) in entries, (solver, order, nfe, p)
-                    if solver == "dpm_solver++":   # the default is jaxdiff's rule (always) ...
-                        assert cache_key(proc, solver, order, nfe, p=p) == cache_key(
-                            proc, solver, order, nfe, p=p, lower_order_final="always")
-                        # ... and diffusers' (below 15) and the official code's (below 10) rules are shipped too
-                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=15) in entries
-                        assert cache_key(proc, solver, order, nfe, p=p, lower_order_final=10) in entries
-    g = optimized_grid(proc, "unipc", 3, 8, p=1.0, optimize_on_miss=False)
-    assert g.shape == (9,) and np.all(np.diff(g) < 0) and g[0] == proc.t_max and g[-1] == proc.t_min
-    e = objective(proc, g, solver="unipc", order=3, p=1.0)
-    for init in grids.GRIDS:
-        assert e <= objective(proc, grids.make_grid(init, proc, 8), solver="unipc", order=3, p=1.0)
-
-
-@pytest.mark.parametrize("name", ["vp_linear", "vp_continuous_linear", "edm"])
-@pytest.mark.parametrize("solver,order,p", [("unipc", 3, 1.0), ("dpm_solver++", 2, 2.0)])
-def test_shipped_cache_is_reproduced(name, solver, order, p):
-    # the optimizer recomputes the shipped grids (written by benchmarks/optimized_steps.py --write-cache with
-    # x64 enabled, as here: vp_linear built in float32 keys the same but lands ~1e-7 away)
-    proc = make_process(name)
-    entry = load_cache()[cache_key(proc, solver, order, 6, p=p)]
-    g, info = optimize(proc, solver, order, 6, p=p, return_info=True)
-    np.testing.assert_allclose(info.objective, entry["objective"], rtol=1e-12)
-    np.testing.assert_allclose(g, entry["grid"], rtol=1e-11)
