@@ -12,32 +12,17 @@ benchmarks/results/sadm.md (SADM did not beat the weight-0 arm here).
 Sample and score like any diffusion run:
     python sample.py --workdir runs/sadm_digits --steps 20 --num 500 --eval digits
 """
-from jaxdiff.train_lib.config import default_config
+import importlib.util
+import os
 
 
 def get_config():
-    c = default_config()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
+    spec = importlib.util.spec_from_file_location("digits_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()          # the demo's data, model, process and optimizer: SADM adds its discriminator
     c.task = "sadm"
-    c.data.name = "digits/16"
-    c.data.image_size = 16
-    c.data.channels = 1
-    c.process.name = "vp_cosine"
-    c.loss.target = "v"
-    c.model.block_out_channels = (16, 32, 32)
-    c.model.layers_per_block = 1
-    c.model.down_attention = (None, None, "self")
-    c.model.norm_num_groups = 8
-    c.model.num_classes = 10
-    c.train.steps = 1200
-    c.train.batch_size = 64
-    c.train.label_dropout = 0.1
-    c.train.ema_decay = 0.999
-    c.train.log_every = 100
-    c.train.sample_every = 0
-    c.optim.lr = 2e-3
-    c.optim.warmup_steps = 100
-    c.checkpoint.every = 500
-    c.sample.num = 100
     c.sadm.weight = 0.01             # 0.1 outweighs the denoising loss here (benchmarks/results/sadm.md)
     c.sadm.temperature = 0.1
     c.sadm.start = 100               # after the learning-rate warm-up

@@ -12,13 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from test_train import data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
+from test_train import _final_params, data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
 
 from jaxdiff import losses  # noqa: E402
 from jaxdiff.noise import make_process  # noqa: E402
 from jaxdiff.research import sadm  # noqa: E402
 from jaxdiff.research.sadm import mixture  # noqa: E402
-from jaxdiff.train_lib import checkpoint as ckpt  # noqa: E402
 from jaxdiff.train_lib import config as config_lib  # noqa: E402
 from jaxdiff.train_lib import loop as train_loop  # noqa: E402
 from jaxdiff.train_lib.step import make_train_step  # noqa: E402
@@ -106,16 +105,6 @@ def sadm_config(data_dir, steps, checkpoint=2, **sadm_values):  # noqa: F811
     return c
 
 
-def _state(workdir):
-    reader = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        s = reader.all_steps()[-1]
-        out = reader._manager.restore(s, args=ckpt.ocp.args.Composite(state=ckpt.ocp.args.StandardRestore()))
-    finally:
-        reader.close()
-    return s, out.state
-
-
 @pytest.mark.slow      # 27 s of the default suite on 2 cores; the step-level checks above stay default
 def test_sadm_task_trains_and_resumes_bitwise(tmp_path, data_dir):  # noqa: F811
     one = jax.devices()[:1]
@@ -126,7 +115,7 @@ def test_sadm_task_trains_and_resumes_bitwise(tmp_path, data_dir):  # noqa: F811
     assert m[0]["structure"] > 0 and m[0]["disc_grad_norm"] == 0 and all(r["disc_grad_norm"] > 0 for r in m[1:])
     train_loop.train(sadm_config(data_dir, 2, **every), str(tmp_path / "resumed"), devices=one)
     train_loop.train(sadm_config(data_dir, 3, **every), str(tmp_path / "resumed"), devices=one)
-    (s1, a), (s2, b) = _state(str(tmp_path / "straight")), _state(str(tmp_path / "resumed"))
+    (s1, a), (s2, b) = _final_params(str(tmp_path / "straight")), _final_params(str(tmp_path / "resumed"))
     assert s1 == s2 == 3
     keys = ("params", "ema_params", "opt_state", "disc_params", "disc_opt_state")
     assert set(a) >= set(keys)

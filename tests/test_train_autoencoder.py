@@ -3,16 +3,14 @@ measured and stored, and a resumed run continues bitwise (generator, discriminat
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from test_train import data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
+from test_train import _final_params, data_dir, tiny_config  # noqa: F401  (fixture; also puts ROOT on sys.path)
 
 from jaxdiff.train_lib import loop as train_loop  # noqa: E402
-from jaxdiff.train_lib import checkpoint as ckpt  # noqa: E402
 from jaxdiff.train_lib.writer import read_metrics  # noqa: E402
 
 TINY_AE = dict(kind="kl", block_out_channels=(8, 16), layers_per_block=1, latent_channels=2, norm_num_groups=4,
@@ -32,16 +30,6 @@ def ae_config(data_dir, steps, **ae):
     return c
 
 
-def _state(workdir):
-    reader = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        s = reader.all_steps()[-1]
-        out = reader._manager.restore(s, args=ckpt.ocp.args.Composite(state=ckpt.ocp.args.StandardRestore()))
-    finally:
-        reader.close()
-    return s, out.state
-
-
 def test_autoencoder_training_gan_scale_and_exact_resume(tmp_path, data_dir):  # noqa: F811
     one = jax.devices()[:1]
     train_loop.train(ae_config(data_dir, 4), str(tmp_path / "straight"), devices=one)
@@ -56,7 +44,7 @@ def test_autoencoder_training_gan_scale_and_exact_resume(tmp_path, data_dir):  #
 
     train_loop.train(ae_config(data_dir, 2), str(tmp_path / "resumed"), devices=one)
     train_loop.train(ae_config(data_dir, 4), str(tmp_path / "resumed"), devices=one)
-    (s1, a), (s2, b) = _state(str(tmp_path / "straight")), _state(str(tmp_path / "resumed"))
+    (s1, a), (s2, b) = _final_params(str(tmp_path / "straight")), _final_params(str(tmp_path / "resumed"))
     assert s1 == s2 == 4
     assert set(a) >= {"params", "disc_params", "opt_state", "disc_opt_state", "ema_params"}
     for key in ("params", "disc_params", "opt_state", "disc_opt_state", "ema_params"):

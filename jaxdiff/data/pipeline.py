@@ -34,31 +34,18 @@ _PERMUTATION_TAG, _AUGMENT_TAG, _CAPTION_TAG = 0, 1, 2
 
 # --- sources -----------------------------------------------------------------------------------
 
-def _digits_resolution(name: str) -> int | None:
-    """Resolution of a ``digits[/r][:version]`` name, None for any other dataset."""
+def _family_resolution(name: str, family: str, resolutions) -> int | None:
+    """Resolution of a ``family[/r][:version]`` name (``digits``, ``captioned_digits``; 16 without ``/r``),
+    None for a dataset of another family; ValueError for an unknown ``r``."""
     base = name.split(":")[0]
-    if base == _DIGITS:
+    if base == family:
         return 16
-    if not base.startswith(_DIGITS + "/"):
+    if not base.startswith(family + "/"):
         return None
     config = base.split("/", 1)[1]
-    if config not in tuple(str(r) for r in _DIGITS_RES):
-        raise ValueError(f"unknown digits config {config!r} in {name!r}; accepted: "
-                         + ", ".join(f"digits/{r}" for r in _DIGITS_RES))
-    return int(config)
-
-
-def _captioned_resolution(name: str) -> int | None:
-    """Resolution of a ``captioned_digits[/r][:version]`` name, None for any other dataset."""
-    base = name.split(":")[0]
-    if base == _CAPTIONED:
-        return 16
-    if not base.startswith(_CAPTIONED + "/"):
-        return None
-    config = base.split("/", 1)[1]
-    if config not in tuple(str(r) for r in _CAPTIONED_RES):
-        raise ValueError(f"unknown captioned_digits config {config!r} in {name!r}; accepted: "
-                         + ", ".join(f"captioned_digits/{r}" for r in _CAPTIONED_RES))
+    if config not in tuple(str(r) for r in resolutions):
+        raise ValueError(f"unknown {family} config {config!r} in {name!r}; accepted: "
+                         + ", ".join(f"{family}/{r}" for r in resolutions))
     return int(config)
 
 
@@ -72,15 +59,15 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
     already be prepared under ``data_dir`` (None: the TFDS default). Nothing is downloaded.
     """
     import tensorflow_datasets as tfds
-    resolution = _digits_resolution(name)
+    resolution = _family_resolution(name, _DIGITS, _DIGITS_RES)
     if resolution is not None:
         from jaxdiff.data.digits import build_digits
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
         build_digits(data_dir, resolution)
-    elif _captioned_resolution(name) is not None:
+    elif _family_resolution(name, _CAPTIONED, _CAPTIONED_RES) is not None:
         from jaxdiff.data.captioned_digits import build_captioned_digits
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
-        build_captioned_digits(data_dir, _captioned_resolution(name))
+        build_captioned_digits(data_dir, _family_resolution(name, _CAPTIONED, _CAPTIONED_RES))
     elif name.split(":")[0] in (_PHOTOS, _PHOTOS + "/32"):
         from jaxdiff.data.photos import build_photo_crops
         data_dir = os.path.expanduser(os.fspath(data_dir or DIGITS_DATA_DIR))
