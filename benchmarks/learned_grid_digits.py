@@ -32,7 +32,7 @@ from jaxdiff.extractors import digits_quality  # noqa: E402
 from jaxdiff.sampling import make_denoiser, time_grid  # noqa: E402
 from jaxdiff.solvers import learn_grid, make_solver, sample  # noqa: E402
 from jaxdiff.solvers.learned_grid import steps_for_nfe, teacher_solution  # noqa: E402
-from jaxdiff.timesteps import make_grid, tree_hash  # noqa: E402
+from jaxdiff.timesteps import tree_hash  # noqa: E402
 from jaxdiff.train_lib.experiment import load_sampling_model  # noqa: E402
 
 HAND = ("uniform_t", "uniform_logsnr", "time_quadratic", "karras")
@@ -82,11 +82,8 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     held = {s: noise(2000 + s, args.num) for s in seeds}
     held_labels = labels_of(args.num)
-    teacher_grid = jnp.asarray(make_grid("uniform_logsnr", proc, args.teacher_steps, t_start=proc.t_max,
-                                         t_end=proc.t_min, final="t_min"))
-    teacher_fn = jax.jit(lambda x: sample(den, proc, x, teacher_grid, solver=make_solver("dpm_solver++", order=3),
-                                          prediction=pred, cond=held_labels))
-    teacher_held = {s: np.asarray(teacher_fn(held[s])) for s in seeds}
+    teacher_held = {s: np.asarray(teacher_solution(den, proc, held[s], proc.t_max, proc.t_min, steps=args.teacher_steps,
+                                                   prediction=pred, cond=held_labels)) for s in seeds}
     for s in seeds:
         q = digits_quality(np.clip(teacher_held[s], -1, 1), np.asarray(held_labels))
         res["floor"][str(s)] = {"agreement": q["class_agreement"], "fd": q["frechet_classifier_distance"]}
