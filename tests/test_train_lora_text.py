@@ -102,6 +102,17 @@ def test_class_rows_cover_the_class_images_each_epoch_and_resume_exactly():
     np.testing.assert_array_equal(b3["image"], batches[3]["image"])
 
 
+def test_instance_filter_keeps_the_first_matching_examples():
+    from jaxdiff.train_lib.lora_data import instance_indices
+    source = [{"label": i % 3, "thickness": i % 2} for i in range(12)]
+    assert instance_indices(source, ("label=1", "thickness=0"), 0) == [4, 10]
+    assert instance_indices(source, ("label=1",), 2) == [1, 4] and len(instance_indices(source, (), 0)) == 12
+    with pytest.raises(ValueError, match=r"features \['slant'\] the examples lack"):
+        instance_indices(source, ("slant=1",), 0)
+    with pytest.raises(ValueError, match="no example matches"):
+        instance_indices(source, ("label=5",), 0)
+
+
 def test_class_images_are_drawn_once_and_reused(tmp_path):
     calls = []
 
@@ -162,7 +173,7 @@ def lora_config(base, data_dir, **over):
     c = config_lib.default_config()
     values = {"task": "lora", "lora.base": base, "lora.rank": 2, "lora.targets": ("cross_attention",),
               "lora.instance_prompt": "a <v1> seven", "lora.new_tokens": ("<v1>",), "lora.token_init": ("seven",),
-              "lora.instance_label": 7, "lora.num_instance_images": 4, "lora.class_prompt": "a seven",
+              "lora.instance_filter": ("label=7",), "lora.num_instance_images": 4, "lora.class_prompt": "a seven",
               "lora.num_class_images": 6, "data.name": "captioned_digits/16", "data.data_dir": data_dir,
               "data.image_size": 8, "process.name": "vp_cosine", "loss.target": "v", "train.steps": 4,
               "train.batch_size": 8, "train.log_every": 1, "train.sample_every": 0, "checkpoint.every": 2,
@@ -206,7 +217,8 @@ def test_prior_and_token_config_errors_come_first(tmp_path):
     for over, match in [({"lora.num_class_images": 0}, "needs both config keys 'lora.class_prompt' and"),
                         ({"lora.class_prompt": None}, "needs both"),
                         ({"lora.token_init": ("seven", "one")}, "has 2 entries for 1 new tokens"),
-                        ({"lora.prior_loss_weight": -1.0}, "'lora.prior_loss_weight' must be >= 0")]:
+                        ({"lora.prior_loss_weight": -1.0}, "'lora.prior_loss_weight' must be >= 0"),
+                        ({"lora.instance_filter": ("label:7",)}, "'label:7' must read 'feature=integer'")]:
         with pytest.raises(ValueError, match=match):
             config_lib.validate(lora_config(str(tmp_path), "unused", **over))
     pipe = tmp_path / "pipe"

@@ -109,7 +109,7 @@ def default_config() -> ConfigDict:
         dropout=0.0,
         # text-conditioned bases (train_lib/lora_text.py, docs/lora.md):
         instance_prompt=None,    # the caption of every fine-tuning image, e.g. "a photo of <v1>"
-        instance_label=None,     # fine-tune on the examples of data.label_key == this only (None: all)
+        instance_filter=(),      # keep the examples with these integer features, e.g. ("label=7", "thickness=2")
         num_instance_images=0,   # ... and only the first this many of them (0: all)
         new_tokens=(),           # new tokens (textual inversion): tokenizer entries + trained token-table rows
         token_init=(),           # per new token: a word whose embedding starts its row, or "" (random); (): random
@@ -187,7 +187,7 @@ OPTIONAL_TYPES = {
     "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "cascade.low_res_size": (int,),
     "data.caption_key": (str,), "model.cross_attention_dim": (int,), "text.encoder": (str,),
     "lora.base": (str,), "lora.alpha": (int, float), "sadm.disc_lr": (int, float),
-    "lora.instance_prompt": (str,), "lora.instance_label": (int,), "lora.class_prompt": (str,),
+    "lora.instance_prompt": (str,), "lora.class_prompt": (str,),
 }
 
 
@@ -332,6 +332,8 @@ def check_lora_prior_values(c: ConfigDict) -> None:
     if bool(lo.class_prompt) != bool(lo.num_class_images):
         raise ValueError("prior preservation needs both config keys 'lora.class_prompt' and 'lora.num_class_images' "
                          f"> 0 (or neither), got {lo.class_prompt!r} and {lo.num_class_images}")
+    from jaxdiff.train_lib.lora_data import parse_filter
+    parse_filter(lo.instance_filter)
     if lo.token_init and len(lo.token_init) != len(lo.new_tokens):
         raise ValueError(f"config key 'lora.token_init' has {len(lo.token_init)} entries for "
                          f"{len(lo.new_tokens)} new tokens: give one per token ('' for a random start) or ()")

@@ -38,32 +38,46 @@ class Subset(Sequence):
         return self.source[self.indices[i]]
 
 
-def instance_indices(source: Sequence[Mapping], label_key: str | None, label: int | None, count: int) -> list[int]:
-    """Indices of the fine-tuning examples: those whose ``label_key`` equals ``label`` (None: all), the first
-    ``count`` of them (0: all). ValueError when none are left."""
-    if label is None:
-        indices = list(range(len(source)))
-    else:
-        if label_key is None:
-            raise ValueError("config key 'lora.instance_label' needs data.label_key (the feature to filter on)")
-        indices = [i for i in range(len(source)) if int(source[i][label_key]) == int(label)]
+def parse_filter(conditions: Sequence[str]) -> dict[str, int]:
+    """``("label=7", "thickness=2")`` -> ``{"label": 7, "thickness": 2}``; ValueError naming a malformed entry."""
+    out = {}
+    for cond in conditions:
+        key, eq, value = str(cond).partition("=")
+        if not eq or not key.strip() or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"config key 'lora.instance_filter': {cond!r} must read 'feature=integer', e.g. 'label=7'")
+        out[key.strip()] = int(value)
+    return out
+
+
+def instance_indices(source: Sequence[Mapping], conditions: Sequence[str], count: int) -> list[int]:
+    """Indices of the fine-tuning examples: those whose features equal ``conditions`` (``"feature=value"``
+    strings; none: all), the first ``count`` of them (0: all). ValueError for a feature the examples lack or
+    when no example is left."""
+    where = parse_filter(conditions)
+    if where:
+        missing = sorted(set(where) - set(source[0]))
+        if missing:
+            raise ValueError(f"config key 'lora.instance_filter' names features {missing} the examples lack; "
+                             f"available: {sorted(source[0])}")
+        indices = [i for i in range(len(source)) if all(int(source[i][k]) == v for k, v in where.items())]
         if not indices:
-            raise ValueError(f"config key 'lora.instance_label' = {label}: no example of the dataset has "
-                             f"{label_key!r} == {label}")
+            raise ValueError(f"config key 'lora.instance_filter' = {tuple(conditions)}: no example matches")
+    else:
+        indices = list(range(len(source)))
     return indices[:count] if count else indices
 
 
-def instance_iterator(data_config, *, global_batch_size: int, seed: int, label: int | None,
-                      count: int) -> pipeline.ImageIterator:
+def instance_iterator(data_config, *, global_batch_size: int, seed: int, conditions: Sequence[str] = (),
+                      count: int = 0) -> pipeline.ImageIterator:
     """Batches ``{"image", ...}`` of the instance images (no labels, no captions: the instance prompt is the
     caption of every one). A subset smaller than a batch is repeated until it fills one."""
     fields = {"random_flip": True, "crop": "center", "image_key": "image", "shuffle": True, "num_threads": 2,
               "prefetch": 2, **dict(data_config)}
     source = pipeline.open_source(fields["name"], fields["split"], fields.get("data_dir"))
-    indices = instance_indices(source, fields.get("label_key"), label, count)
+    indices = instance_indices(source, conditions, count)
     indices = indices * math.ceil(global_batch_size / len(indices))
     log.info("LoRA instance images: %d examples of %s%s", len(set(indices)), fields["name"],
-             f" with label {label}" if label is not None else "")
+             f" with {', '.join(conditions)}" if conditions else "")
     return pipeline.ImageIterator(Subset(source, indices), global_batch_size=global_batch_size,
                                   image_size=fields["image_size"], seed=seed, random_flip=fields["random_flip"],
                                   crop=fields["crop"], image_key=fields["image_key"], label_key=None,
@@ -141,5 +155,5 @@ def class_images(workdir: str, meta: dict, draw: Callable[[], np.ndarray]) -> np
     return images
 
 
-__all__ = ["CLASS_DIR", "CLASS_SAMPLE_TAG", "PriorBatches", "Subset", "class_images", "instance_indices",
+__all__ = ["CLASS_DIR", "CLASS_SAMPLE_TAG", "PriorBatches", "Subset", "class_images", "instance_indices", "parse_filter",
            "instance_iterator"]

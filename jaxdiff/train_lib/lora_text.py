@@ -132,7 +132,8 @@ class TextLoRAExperiment(TextDiffusionExperiment):
         c = self.config
         data = {k: v for k, v in c.data.items() if k not in ("channels", "synthetic")}
         it = lora_data.instance_iterator(data, global_batch_size=c.train.batch_size, seed=seed,
-                                         label=c.lora.instance_label, count=c.lora.num_instance_images)
+                                         conditions=tuple(c.lora.instance_filter),
+                                         count=c.lora.num_instance_images)
         if not self.prior:
             return it
         meta = {"class_prompt": c.lora.class_prompt, "num_class_images": int(c.lora.num_class_images),
