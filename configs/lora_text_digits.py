@@ -11,7 +11,7 @@ frozen base at the start (kept in <workdir>/class_images), loss = instance loss 
     python sample.py --workdir runs/lora_text_digits --prompt "a <v1> seven" --num 20 --guidance_scale 3
     python benchmarks/lora_text_digits.py --runs runs/lora_text_digits ...     # what docs/lora.md reports
 
-Trains 20,608 parameters (adapters + one 64-wide token row) beside the frozen 510,609-parameter base.
+Trains 16,192 parameters (rank-4 adapters: 16,128; one 64-wide token row) beside the frozen 510,609-parameter base.
 Runtime and the measured effect: docs/lora.md ("Text-conditioned bases") and benchmarks/results/lora_text_digits.md.
 """
 from jaxdiff.train_lib.config import default_config
