@@ -277,6 +277,11 @@ def test_text_lora_run_freezes_the_base_resumes_exactly_and_samples_its_token(te
     again = train(lora_config(text_base, captioned_dir), resumed)
     assert again["step"] == 4 and os.stat(copied).st_mtime_ns == stamp
     jax.tree.map(np.testing.assert_array_equal, again["params"], out["params"])
+    # the trained row is exported for diffusers' load_textual_inversion
+    from jaxdiff.convert.textual_inversion import load_textual_inversion
+    token, row = load_textual_inversion(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))
+    assert token == "<v1>"
+    np.testing.assert_array_equal(row, np.asarray(jax.device_get(state.ema_params["new_tokens"]))[0])
     # the run samples with its new token (jaxdiff-sample --workdir --prompt)
     a, b = exp.encode_prompts(state.ema_params, ["a <v1> seven", "a seven"])
     assert np.abs(a - b).max() > 1e-4

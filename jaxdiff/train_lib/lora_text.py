@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -109,6 +110,17 @@ class TextLoRAExperiment(TextDiffusionExperiment):
                 tokens = jnp.concatenate([tokens, jnp.broadcast_to(jnp.asarray(klass), tokens.shape)])
             return step(state, {"image": images, "label": tokens})
         return lora_step
+
+    def finish(self, state, data_iter, workdir: str, step: int) -> dict:
+        """Export each new token's trained (EMA) row as a diffusers textual-inversion file,
+        ``<workdir>/textual_inversion/learned_embeds_<i>.safetensors`` (``load_textual_inversion`` reads it)."""
+        if self.new_token_ids and jax.process_index() == 0:
+            from jaxdiff.convert.textual_inversion import save_textual_inversion
+            rows = np.asarray(jax.device_get(state.ema_params["new_tokens"]), np.float32)
+            for i, token in enumerate(self.config.lora.new_tokens):
+                save_textual_inversion(os.path.join(workdir, "textual_inversion", f"learned_embeds_{i}.safetensors"),
+                                       token, rows[i])
+        return {}
 
     def draw_class_images(self) -> np.ndarray:
         """``(lora.num_class_images, H, W, C)``: the frozen base's samples of ``lora.class_prompt`` (the adapters
