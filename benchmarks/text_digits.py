@@ -128,7 +128,18 @@ def write_markdown(result: dict, path: str) -> None:
     text += "`HELD_OUT_TEMPLATES[0]` / `[1]` for `held_out`; for `training_phrasing` both halves use the same training "
     text += "phrasing), mean over sampling seeds:\n\n"
     text += "| phrasing | guidance | template | class agreement |\n|---|---|---|---|\n"
-    text += "\n".join(tmpl_rows) + "\n\n" + result.get("notes", "") + "\n"
+    text += "\n".join(tmpl_rows) + "\n\n"
+    per_run = {}
+    for c in result["cells"]:
+        if c["model"] == "text":
+            per_run.setdefault((c["run"], c["phrasing"], str(c["guidance"])), []).append(c)
+    if len({r for r, _, _ in per_run}) > 1:
+        text += "Per training run (mean over sampling seeds):\n\n| run | phrasing | guidance | class | thickness | slant |\n"
+        text += "|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {r} | {ph} | {gd} | " + " | ".join(f"{np.mean([c[k] for c in v]):.3f}" for k in ("class", "thickness",
+                                                                                                 "slant")) + " |"
+            for (r, ph, gd), v in sorted(per_run.items())) + "\n\n"
+    text += result.get("notes", "") + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -141,8 +152,9 @@ samples with guidance, and the measured thickness and slant agree with the promp
 digits model as the baseline.
 
 **Setup.** Text model(s): {runs} (configs/text_digits.py: pixel 16x16, a 2-layer width-64 CLIP-style text
-transformer trained jointly with the UNet, word tokenizer, 10% caption dropout), EMA parameters of the final
-checkpoint. Baseline: {baseline} (configs/digits.py, class-conditional, 10% label dropout). {prompts} prompts per
+transformer trained jointly with the UNet, word tokenizer, 10% caption dropout; captions: the six fixed training
+phrasings and the caption grammar's, 32 per image, with word noise: 10% of words -> `<unk>`, `<unk>` runs
+inserted at rate 0.15), EMA parameters of the final checkpoint. Baseline: {baseline} (configs/digits.py, class-conditional, 10% label dropout). {prompts} prompts per
 sampling seed: every class x {{thin, thick}} x {{slanted left, slanted right}} in each of the two held-out phrasings
 (`captions.HELD_OUT_TEMPLATES`, in no training caption; their words "an", "image", "of", "written", "in", "ink" are
 unknown to the tokenizer); the baseline gets the same classes as labels. DPM-Solver++(2M), {steps} steps,
@@ -202,7 +214,7 @@ def main(argv=None):
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.0f}",
               "prompts": len(prompts), "templates": sorted(set(int(k) for k in tmpl)), "args": vars(args),
-              "seconds": time.time() - t0, "cells": cells,
+              "seconds": time.time() - t0, "cells": cells, "notes": "",
               "summary": {k: summarize(v) for k, v in groups.items()}}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:

@@ -33,6 +33,8 @@ def get_config():
     c.text.heads = 4
     c.text.mlp_dim = 128
     c.text.caption_dropout = 0.1
+    c.text.word_dropout = 0.1        # words -> <unk>, and <unk> runs inserted: prompts with unseen words
+    c.text.unknown_words = 0.15
     c.text.sample_prompts = ("a regular zero", "a regular one", "a regular two", "a regular three", "a regular four",
                              "a regular five", "a regular six", "a regular seven", "a regular eight",
                              "a regular nine")
@@ -45,7 +47,7 @@ def get_config():
     c.model.down_heads = 2
     c.model.norm_num_groups = 8
     c.model.num_classes = None
-    c.train.steps = 1500
+    c.train.steps = 2000
     c.train.batch_size = 64
     c.train.ema_decay = 0.999
     c.train.log_every = 100
