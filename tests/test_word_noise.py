@@ -10,6 +10,7 @@ from jaxdiff.train_lib.word_noise import add_word_noise
 
 TOK = WordTokenizer(caption_vocabulary(), 16)
 KW = dict(unk_id=TOK.unk_token_id, eos_id=TOK.eos_token_id, pad_id=TOK.pad_token_id, first_word_id=len(SPECIAL))
+noise = jax.jit(add_word_noise, static_argnames=("drop", "insert", "unk_id", "eos_id", "pad_id", "first_word_id"))
 
 
 def _words(row):
@@ -23,10 +24,10 @@ def _words(row):
 def test_word_noise_keeps_the_caption_and_adds_unknown_words():
     texts = ["a thick slanted left seven", "digit 3, thin", "", "one two three four five six seven eight nine"]
     tokens = jnp.asarray(np.repeat(TOK(texts), 64, axis=0))                 # 4 captions x 64 draws
-    out = np.asarray(add_word_noise(jax.random.key(0), tokens, drop=0.2, insert=0.3, **KW))
-    np.testing.assert_array_equal(out, add_word_noise(jax.random.key(0), tokens, drop=0.2, insert=0.3, **KW))
-    assert (out != np.asarray(add_word_noise(jax.random.key(1), tokens, drop=0.2, insert=0.3, **KW))).any()
-    np.testing.assert_array_equal(add_word_noise(jax.random.key(0), tokens, drop=0.0, insert=0.0, **KW), tokens)
+    out = np.asarray(noise(jax.random.key(0), tokens, drop=0.2, insert=0.3, **KW))
+    np.testing.assert_array_equal(out, noise(jax.random.key(0), tokens, drop=0.2, insert=0.3, **KW))
+    assert (out != np.asarray(noise(jax.random.key(1), tokens, drop=0.2, insert=0.3, **KW))).any()
+    np.testing.assert_array_equal(noise(jax.random.key(0), tokens, drop=0.0, insert=0.0, **KW), tokens)
     unk, dropped, inserted, runs = TOK.unk_token_id, 0, 0, 0
     for row, src in zip(out, np.asarray(tokens)):
         words, ok = _words(row)
