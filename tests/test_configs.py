@@ -30,7 +30,9 @@ EXPECTED_PARAMS = {
     "cascade_digits_base8": (2e4, 5e5),    # cascade base model at 8x8
     "cascade_digits_sr16": (1e5, 1e6),     # super-resolution 8 -> 16
     "cascade_digits_sr32": (1e5, 1e6),     # super-resolution 16 -> 32
+    "lora_text_digits": (5e3, 5e4),  # task="lora": adapters + a new token row on the text_digits base
 }
+LORA_BASE_CONFIGS = {"lora_text_digits": "text_digits"}   # a LoRA config's size: what it trains on this base
 
 
 def _shipped():
@@ -40,6 +42,22 @@ def _shipped():
 
 def _load(name):
     return config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+
+
+def _lora_param_count(config, base_name: str) -> int:
+    """Trained parameters of a task="lora" config on the base config it is written for: adapters + new rows."""
+    from jaxdiff.nn.lora import LORA_PARAMS, add_lora
+    from jaxdiff.train_lib.lora_experiment import lora_spec
+    from jaxdiff.train_lib.text_diffusion import build_text_model
+    base = _load(base_name)
+
+    def build():
+        model = build_text_model(base)
+        add_lora(model.unet, lora_spec(config), rngs=nnx.Rngs(0))
+        return model
+    adapters = nnx.state(nnx.eval_shape(build), LORA_PARAMS)
+    rows = len(config.lora.new_tokens) * base.text.width
+    return rows + sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
 
 
 def _abstract_param_count(config) -> int:
@@ -64,7 +82,7 @@ def test_every_shipped_config_has_an_expected_size():
 @pytest.mark.parametrize("name", _shipped())
 def test_config_builds_abstractly_with_a_sane_parameter_count(name):
     c = _load(name)
-    n = _abstract_param_count(c)
+    n = _lora_param_count(c, LORA_BASE_CONFIGS[name]) if c.task == "lora" else _abstract_param_count(c)
     low, high = EXPECTED_PARAMS[name]
     assert low <= n <= high, f"{name}: {n:,} parameters, expected {low:,.0f}..{high:,.0f}"
     # the batch splits over the mesh's fixed axis and every downsampling divides the image

@@ -32,6 +32,22 @@ from jaxdiff.nn import UNet
 from jaxdiff.nn.lora import LORA_PARAMS, LoRASpec, add_lora, adaptable_layers, lora_layers, merge_lora, strip_lora
 
 KV_PATTERN = r".*\.attn2\.to_(k|v)"
+TOKEN_INITS = ("random", "class_mean")
+
+
+def initial_token(kind: str, key: jax.Array, shape: tuple, *, std: float = 1.0,
+                  class_tokens: jax.Array | None = None) -> jax.Array:
+    """A new concept's start token ``shape`` (``(D,)``): ``"random"``: ``std * N(0, 1)`` (C-LoRA's choice);
+    ``"class_mean"``: the mean of the pretrained class tokens ``class_tokens`` ``(K, D)`` (without the null
+    token), the stand-in for a class noun ("digit") here."""
+    if kind not in TOKEN_INITS:
+        raise ValueError(f"token_init must be one of {TOKEN_INITS}, got {kind!r}")
+    if kind == "random":
+        return std * jax.random.normal(key, shape, jnp.float32)
+    if class_tokens is None or class_tokens.ndim != 2 or class_tokens.shape[1:] != tuple(shape):
+        raise ValueError(f"token_init 'class_mean' needs class_tokens (K, {shape[0]}), got "
+                         f"{None if class_tokens is None else class_tokens.shape}")
+    return jnp.mean(jnp.asarray(class_tokens, jnp.float32), axis=0)
 
 
 def make_context(prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -58,7 +74,8 @@ def forget_penalty(model: UNet, past_delta: dict[str, jax.Array]) -> jax.Array:
 @dataclasses.dataclass
 class FitSettings:
     """How one concept is learned: ``steps`` Adam steps at ``lr`` on batches of ``batch`` of the concept's
-    images; ``lam`` weighs :func:`forget_penalty`; ``token_std`` scales the random token init."""
+    images; ``lam`` weighs :func:`forget_penalty`; ``token_init`` (:data:`TOKEN_INITS`) picks the new token's
+    start value, ``token_std`` scales the random one."""
 
     steps: int = 150
     lr: float = 3e-3
@@ -66,6 +83,7 @@ class FitSettings:
     lam: float = 0.0
     rank: int = 2
     token_std: float = 1.0
+    token_init: str = "random"
 
 
 def _trainable_kv(path, value) -> bool:
@@ -73,19 +91,22 @@ def _trainable_kv(path, value) -> bool:
 
 
 def fit_concept(model: UNet, prefix: jax.Array, images: np.ndarray, loss_fn: Callable, settings: FitSettings,
-                key: jax.Array, *, mode: str = "lora", w_init: dict | None = None) -> jax.Array:
+                key: jax.Array, *, mode: str = "lora", w_init: dict | None = None,
+                class_tokens: jax.Array | None = None) -> jax.Array:
     """Learn one concept in place; returns its token ``(D,)``.
 
     ``images``: ``(N, H, W, C)`` in [-1, 1]. ``mode``: ``"lora"`` (a fresh adapter on K/V, trained, then folded
     into the weights; with ``settings.lam > 0`` and ``w_init`` (the K/V kernels before the first task) the
     C-LoRA penalty applies) or ``"full_kv"`` (the K/V kernels themselves are trained). The token is trained
-    in both modes; everything else stays frozen.
+    in both modes; everything else stays frozen. ``class_tokens`` ``(K, D)``: the pretrained class tokens, for
+    ``settings.token_init == "class_mean"``.
     """
     if mode not in ("lora", "full_kv"):
         raise ValueError(f"mode must be 'lora' or 'full_kv', got {mode!r}")
     if settings.lam > 0 and (mode != "lora" or w_init is None):
         raise ValueError("the C-LoRA penalty needs mode='lora' and w_init (the K/V kernels before task 1)")
     k_init, k_tok, k_fit = jax.random.split(key, 3)
+    token = initial_token(settings.token_init, k_tok, prefix.shape, std=settings.token_std, class_tokens=class_tokens)
     if mode == "lora":
         add_lora(model, LoRASpec(targets=(KV_PATTERN,), rank=settings.rank), rngs=nnx.Rngs(int(jax.random.randint(k_init, (), 0, 2 ** 30))))
         # the past deltas are an argument of the compiled step even at lam = 0 (zeros without w_init), so
@@ -95,7 +116,6 @@ def fit_concept(model: UNet, prefix: jax.Array, images: np.ndarray, loss_fn: Cal
     else:
         graphdef, train, frozen = nnx.split(model, _trainable_kv, ...)
         past = None
-    token = settings.token_std * jax.random.normal(k_tok, prefix.shape, jnp.float32)
     params = (nnx.to_pure_dict(train), token)
     frozen_values = nnx.to_pure_dict(frozen)
     opt_state = _ADAM.init(params)

@@ -109,6 +109,15 @@ def default_config() -> ConfigDict:
         rank=4,
         alpha=None,              # delta scale alpha / rank; None: alpha = rank
         dropout=0.0,
+        # text-conditioned bases (train_lib/lora_text.py, docs/lora.md):
+        instance_prompt=None,    # the caption of every fine-tuning image, e.g. "a photo of <v1>"
+        instance_filter=(),      # keep the examples with these integer features, e.g. ("label=7", "thickness=2")
+        num_instance_images=0,   # ... and only the first this many of them (0: all)
+        new_tokens=(),           # new tokens (textual inversion): tokenizer entries + trained token-table rows
+        token_init=(),           # per new token: a word whose embedding starts its row, or "" (random); (): random
+        class_prompt=None,       # DreamBooth prior preservation: images the frozen base draws from this prompt
+        num_class_images=0,      # ... this many, at the start of the run (kept in <workdir>/class_images)
+        prior_loss_weight=1.0,   # loss = instance loss + this * class (prior) loss
     ))
     c.cascade = ConfigDict(dict(         # super-resolution stage of a cascade (jaxdiff/cascade.py, docs/cascade.md)
         low_res_size=None,       # size of the low-res image it is conditioned on (the batch downsampled in the
@@ -180,6 +189,7 @@ OPTIONAL_TYPES = {
     "autoencoder.lpips_weights": (str,), "autoencoder.disc_lr": (int, float), "cascade.low_res_size": (int,),
     "data.caption_key": (str,), "model.cross_attention_dim": (int,), "text.encoder": (str,),
     "lora.base": (str,), "lora.alpha": (int, float), "sadm.disc_lr": (int, float),
+    "lora.instance_prompt": (str,), "lora.class_prompt": (str,),
 }
 
 
@@ -309,11 +319,28 @@ def check_values(c: ConfigDict) -> None:
                              "workdir or a diffusers folder")
         from jaxdiff.nn.lora import LoRASpec
         LoRASpec(targets=tuple(c.lora.targets), rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout).check()
+        check_lora_prior_values(c)
     if c.task in ("diffusion", "lora", "sadm"):
         try:
             SamplerSettings.resolve(c.sample)
         except ValueError as e:
             raise ValueError(f"config section 'sample': {e}") from None
+
+
+def check_lora_prior_values(c: ConfigDict) -> None:
+    """The prior-preservation keys of ``lora``: a class prompt and a class-image count together, or neither."""
+    lo = c.lora
+    _check_range("lora.num_class_images", lo.num_class_images, 0)
+    _check_range("lora.num_instance_images", lo.num_instance_images, 0)
+    _check_range("lora.prior_loss_weight", lo.prior_loss_weight, 0)
+    if bool(lo.class_prompt) != bool(lo.num_class_images):
+        raise ValueError("prior preservation needs both config keys 'lora.class_prompt' and 'lora.num_class_images' "
+                         f"> 0 (or neither), got {lo.class_prompt!r} and {lo.num_class_images}")
+    from jaxdiff.train_lib.lora_data import parse_filter
+    parse_filter(lo.instance_filter)
+    if lo.token_init and len(lo.token_init) != len(lo.new_tokens):
+        raise ValueError(f"config key 'lora.token_init' has {len(lo.token_init)} entries for "
+                         f"{len(lo.new_tokens)} new tokens: give one per token ('' for a random start) or ()")
 
 
 def check_cascade_values(c: ConfigDict) -> None:

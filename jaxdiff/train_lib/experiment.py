@@ -95,11 +95,11 @@ def restore_run(workdir: str, *, task: str | None = None, step: int | None = Non
 
 #: tasks whose runs train a denoiser that ``load_sampling_model`` can sample (a research task's experiment
 #: gives ``sampling_model`` as the diffusion experiment does)
-SAMPLING_TASKS = ("diffusion", "sadm")
+SAMPLING_TASKS = ("diffusion", "sadm", "lora")
 
 
 def load_sampling_model(workdir: str, *, step: int | None = None, ema: bool = True, mesh: Mesh | None = None):
-    """``(SamplingModel, mesh)`` of a diffusion (or SADM) run's newest readable (or the given) checkpoint: its EMA
+    """``(SamplingModel, mesh)`` of a diffusion (SADM, LoRA) run's newest readable (or the given) checkpoint: its EMA
     (or raw, ``ema=False``) parameters in their shardings on ``mesh`` (default: all devices), with the
     run's ``config.sample`` as the default settings; latent runs decode."""
     exp, state, restored = restore_run(workdir, task=SAMPLING_TASKS, step=step, mesh=mesh)

@@ -83,7 +83,7 @@ def _host_batch(batch: dict) -> dict:
     labels = batch.get("label")
     return {"image": batch["image"],
             "label": labels if labels is not None else np.zeros(len(batch["image"]), np.int32),
-            **({"tokens": batch["tokens"]} if "tokens" in batch else {})}
+            **{k: v for k, v in batch.items() if k not in ("image", "label")}}   # e.g. "tokens", "class_image"
 
 
 def train(config, workdir: str, devices=None) -> dict:
@@ -108,7 +108,10 @@ def train(config, workdir: str, devices=None) -> dict:
                       out_shardings=(exp.state_shardings, replicated), donate_argnums=0)
 
     # data and checkpoints: resume from the newest readable step
-    data_iter = data_iterator(config, config.seed, tokenize=getattr(exp, "tokenize", None))
+    # an experiment with data of its own (LoRA's instance and class images) makes its iterator
+    make_data = getattr(exp, "data_iterator", None)
+    data_iter = (make_data(config.seed, workdir) if make_data is not None
+                 else data_iterator(config, config.seed, tokenize=getattr(exp, "tokenize", None)))
     checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                      async_save=config.checkpoint.async_save, verify=config.checkpoint.verify)
     restored = checkpointer.restore(exp.abstract_sharded_state())

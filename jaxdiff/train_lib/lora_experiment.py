@@ -5,6 +5,10 @@ The train state holds only the adapter weights: ``params``, their EMA and the op
 trees, so checkpoints and optimizer memory scale with the adapters, and the base parameters (kept on the
 mesh beside the state, never in it) cannot change. The network architecture, noise process and prediction
 target come from the base; the run's ``model`` section is replaced by the base's.
+
+A jaxdiff text-conditioned base (a ``text.encoder`` run) is handed to :mod:`jaxdiff.train_lib.lora_text`: an
+instance prompt, new tokens and DreamBooth prior preservation (``lora.instance_prompt``, ``lora.new_tokens``,
+``lora.class_prompt``), which a base without text conditioning refuses.
 """
 from __future__ import annotations
 
@@ -40,15 +44,36 @@ def _is_diffusers(folder: str) -> bool:
         os.path.join(folder, "unet", "config.json"))
 
 
-def load_base(config, mesh: Mesh):
-    """``(model, process, prediction, model_section)``: the base UNet with its weights, its noise process and
-    prediction kind, and the ``model`` config values that describe it. Raises ValueError without a base."""
+TEXT_KEYS = ("instance_prompt", "new_tokens", "class_prompt")
+
+
+def _check_base_folder(config) -> str:
     base = config.lora.base
     if not base:
         raise ValueError("task='lora' needs a frozen base: set config key 'lora.base' to a jaxdiff training "
                          "workdir or a diffusers folder (UNet or pipeline)")
     if not os.path.isdir(base):
         raise ValueError(f"config key 'lora.base' = {base!r} is not a folder")
+    if os.path.isfile(os.path.join(base, "model_index.json")) and os.path.isdir(os.path.join(base, "text_encoder")):
+        raise ValueError(f"config key 'lora.base' = {base!r} is a diffusers text-to-image pipeline, a latent (VAE) "
+                         "model: task='lora' fine-tunes text-conditioned pixel bases only (a jaxdiff text run, "
+                         "configs/text_digits.py); latent text-to-image bases are not supported yet")
+    return base
+
+
+def _refuse_text_options(config) -> None:
+    """ValueError for text-only LoRA options on a base without text conditioning."""
+    used = [k for k in TEXT_KEYS if config.lora[k]]
+    if used:
+        raise ValueError(f"config keys {['lora.' + k for k in used]} (instance prompt, new tokens, prior "
+                         f"preservation) need a text-conditioned base; {config.lora.base!r} has no text conditioning")
+
+
+def load_base(config, mesh: Mesh, restored: tuple | None = None):
+    """``(model, process, prediction, model_section)``: the base UNet with its weights, its noise process and
+    prediction kind, and the ``model`` config values that describe it (``restored``: the jaxdiff base run's
+    ``(experiment, state)`` when already read). Raises ValueError without a base."""
+    base = _check_base_folder(config)
     if _is_diffusers(base):
         from jaxdiff.convert.diffusers_io import load_unet
         from jaxdiff.convert.scheduler import process_from_scheduler_config, read_scheduler_config
@@ -58,18 +83,43 @@ def load_base(config, mesh: Mesh):
         c = model.config
         section = {"num_classes": c.num_classes, "dropout": c.dropout}
         return model, process, prediction, section
-    from jaxdiff.train_lib.experiment import restore_run
     from jaxdiff.train_lib.model import build_model
-    exp, state, _ = restore_run(base, task="diffusion", mesh=mesh)
-    for key in ("process.name", "loss.target"):
-        mine, theirs = _get(config, key), _get(exp.config, key)
-        if mine != theirs:
-            raise ValueError(f"config key {key!r} is {mine!r} but the base run {base!r} was trained with {theirs!r}")
+    exp, state = restored if restored is not None else _restore_base(config, mesh)
     model = build_model(exp.config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, jax.device_get(state.ema_params))
     model = nnx.merge(graphdef, params, rest)
     return model, exp.process, exp.config.loss.target, exp.config.model.to_dict()
+
+
+def base_run_config(config):
+    """The config stored with the jaxdiff base run's newest checkpoint (no arrays read), checked to share this
+    run's process and prediction target."""
+    from jaxdiff.train_lib import checkpoint as ckpt
+    from jaxdiff.train_lib import config as config_lib
+    base = config.lora.base
+    reader = ckpt.Checkpointer(os.path.join(base, "checkpoints"), async_save=False)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise ValueError(f"config key 'lora.base' = {base!r} holds no checkpoint: give a trained jaxdiff run")
+        theirs = config_lib.config_from_dict(reader.read_config(steps[-1]))
+    finally:
+        reader.close()
+    if theirs.task != "diffusion":
+        raise ValueError(f"config key 'lora.base' = {base!r} is a {theirs.task!r} run, not a diffusion run")
+    for key in ("process.name", "loss.target"):
+        if _get(config, key) != _get(theirs, key):
+            raise ValueError(f"config key {key!r} is {_get(config, key)!r} but the base run {base!r} was trained "
+                             f"with {_get(theirs, key)!r}")
+    return theirs
+
+
+def _restore_base(config, mesh: Mesh):
+    """``(experiment, state)`` of the jaxdiff base run."""
+    from jaxdiff.train_lib.experiment import restore_run
+    exp, state, _ = restore_run(config.lora.base, task="diffusion", mesh=mesh)
+    return exp, state
 
 
 def _get(c, dotted):
@@ -89,7 +139,19 @@ def build_lora_experiment(config, mesh: Mesh) -> DiffusionExperiment:
     """A :class:`DiffusionExperiment` whose trainable parameters are the adapters of ``config.lora`` on the
     frozen base ``config.lora.base``; ``memory`` holds the parameter and optimizer-state sizes in bytes."""
     spec = lora_spec(config)
-    model, process, prediction, model_section = load_base(config, mesh)
+    restored = None
+    if not _is_diffusers(_check_base_folder(config)):
+        base_config = base_run_config(config)
+        if base_config.text.encoder is not None:
+            from jaxdiff.train_lib.lora_text import build_text_lora_experiment, check_text_lora_config
+            check_text_lora_config(config, base_config)
+            exp, state = _restore_base(config, mesh)
+            return build_text_lora_experiment(config, mesh, spec, exp, state.ema_params)
+        _refuse_text_options(config)     # before the base's arrays are read
+        restored = _restore_base(config, mesh)
+    else:
+        _refuse_text_options(config)
+    model, process, prediction, model_section = load_base(config, mesh, restored)
     config = config.copy_and_resolve_references()
     with config.unlocked():
         for k, v in model_section.items():
@@ -101,7 +163,8 @@ def build_lora_experiment(config, mesh: Mesh) -> DiffusionExperiment:
     if channels != c.in_channels:
         raise ValueError(f"config key 'data.channels' = {channels} but the base UNet takes {c.in_channels} channels")
     if "cross" in tuple(c.down_attention) + tuple(c.up_attention or ()) + (c.mid_attention,):
-        raise ValueError("task='lora' trains class- or un-conditional bases; this base needs a text context")
+        raise ValueError("this base UNet needs a text context but has no text encoder: task='lora' fine-tunes "
+                         "class- or unconditional bases and jaxdiff text runs")
     if config.train.label_dropout > 0 and not c.class_null:
         raise ValueError("config key 'train.label_dropout' > 0 needs a base with a null class; set it to 0")
     add_lora(model, spec, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))

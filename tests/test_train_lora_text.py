@@ -1,0 +1,286 @@
+"""task="lora" on a text-conditioned base (train_lib/lora_text.py): new tokens in the word and CLIP tokenizers and
+as trained rows of the token table, DreamBooth prior preservation (class images drawn once, kept in the workdir,
+reused on resume; the weighted loss), the base bitwise frozen (old token rows included), exact resumption, sampling
+the run with its new token, and the errors that name the problem."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.data.captions import caption_vocabulary
+from jaxdiff.data.words import WordTokenizer
+from jaxdiff.train_lib import config as config_lib
+from jaxdiff.train_lib.lora_data import PriorBatches, class_images
+from jaxdiff.train_lib.lora_tokens import add_new_tokens, initial_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+def test_word_tokenizer_learns_whole_new_tokens_and_keeps_old_ids():
+    base = WordTokenizer(caption_vocabulary(), 12)
+    tok, ids = add_new_tokens(base, ("<v1>", "sks"))
+    assert ids == [base.vocab_size, base.vocab_size + 1] and tok.vocab_size == base.vocab_size + 2
+    row = tok(["a <v1> seven", "a thick seven"])
+    assert list(row[0, :5]) == [tok.bos_token_id, base.tokenize("a")[0], ids[0], base.tokenize("seven")[0],
+                                tok.eos_token_id]
+    np.testing.assert_array_equal(row[1], base(["a thick seven"])[0])      # texts without new tokens: as before
+    assert tok.tokenize("sks asks") == [ids[1], tok.unk_token_id]         # whole tokens only
+    assert tok.decode(row[0]) == "a <v1> seven"
+    for bad, match in [(("seven",), "already in the tokenizer's vocabulary"), (("<pad>",), "already in"),
+                       (("<v1>", "<v1>"), "repeats"), (("a b",), "without whitespace")]:
+        with pytest.raises(ValueError, match=match):
+            add_new_tokens(base, bad)
+
+
+def test_clip_tokenizer_adds_tokens_after_its_vocabulary(tmp_path):
+    pytest.importorskip("tokenizers")
+    from test_text_to_image import write_tokenizer_files
+
+    from jaxdiff.convert.tokenizer import load_clip_tokenizer
+    n = write_tokenizer_files(str(tmp_path), max_length=16)
+    tok = load_clip_tokenizer(str(tmp_path))
+    before = tok(["a photo of a cat"])
+    tok, ids = add_new_tokens(tok, ("<v1>",))
+    assert ids == [n] and tok.vocab_size == n + 1
+    assert ids[0] in tok(["a photo of <v1>"])[0]
+    np.testing.assert_array_equal(tok(["a photo of a cat"]), before)
+    with pytest.raises(ValueError, match="'<v1>' is already in the tokenizer's vocabulary"):
+        add_new_tokens(tok, ("<v1>",))
+
+
+def test_new_rows_start_from_a_word_or_at_random():
+    tok = WordTokenizer(caption_vocabulary(), 12)
+    table = np.random.RandomState(0).randn(tok.vocab_size, 8).astype(np.float32)
+    rows = initial_rows(table, tok, ("seven", ""), 2, seed=0)
+    np.testing.assert_array_equal(rows[0], table[tok.tokenize("seven")[0]])
+    assert rows.shape == (2, 8) and 0.3 < rows[1].std() < 3 and not np.allclose(rows[1], rows[0])
+    np.testing.assert_array_equal(initial_rows(table, tok, (), 2, seed=0)[1], rows[1])   # () = all random
+    with pytest.raises(ValueError, match="'zebra' is not made of known tokens"):
+        initial_rows(table, tok, ("zebra",), 1, seed=0)
+
+
+# ------------------------------------------------------------------------------------- prior preservation
+def test_prior_weighted_loss_is_instance_mean_plus_weight_times_class_mean():
+    from jaxdiff import losses
+    from jaxdiff.noise import make_process
+    from jaxdiff.train_lib.lora_text import prior_weighted
+    loss_fn = losses.make_denoising_loss(make_process("vp_cosine"), target="v")
+    x0 = jnp.asarray(np.random.RandomState(0).randn(6, 4, 4, 1), jnp.float32)
+    apply_fn = lambda x, t: 0.3 * x          # noqa: E731
+    per = np.asarray(loss_fn(apply_fn, x0, jax.random.key(1)))
+    weighted = np.asarray(prior_weighted(loss_fn, 0.25)(apply_fn, x0, jax.random.key(1)))
+    np.testing.assert_allclose(weighted.mean(), per[:3].mean() + 0.25 * per[3:].mean(), rtol=1e-6)
+
+
+def _image_iterator(n=10, batch=4):
+    from jaxdiff.data.pipeline import ImageIterator
+    r = np.random.RandomState(0)
+    source = [{"image": r.randint(0, 255, (8, 8, 1), np.uint8)} for _ in range(n)]
+    return ImageIterator(source, global_batch_size=batch, image_size=8, seed=3, label_key=None, crop="resize",
+                         random_flip=False, num_threads=0, prefetch=0)
+
+
+def test_class_rows_cover_the_class_images_each_epoch_and_resume_exactly():
+    images = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1) * np.ones((6, 8, 8, 1), np.float32)
+    it = PriorBatches(_image_iterator(), images, seed=4)
+    batches = [next(it) for _ in range(6)]                      # 24 class rows = 4 epochs of the 6 images
+    drawn = np.concatenate([b["class_image"][:, 0, 0, 0] for b in batches])
+    for e in range(4):
+        assert sorted(drawn[6 * e:6 * e + 6]) == list(range(6))
+    assert not np.array_equal(drawn[:6], drawn[6:12])           # a new order each epoch
+    again = PriorBatches(_image_iterator(), images, seed=4)
+    again.set_state({**it.get_state(), "next_batch": 3})
+    b3 = next(again)
+    np.testing.assert_array_equal(b3["class_image"], batches[3]["class_image"])
+    np.testing.assert_array_equal(b3["image"], batches[3]["image"])
+
+
+def test_instance_filter_keeps_the_first_matching_examples():
+    from jaxdiff.train_lib.lora_data import instance_indices
+    source = [{"label": i % 3, "thickness": i % 2} for i in range(12)]
+    assert instance_indices(source, ("label=1", "thickness=0"), 0) == [4, 10]
+    assert instance_indices(source, ("label=1",), 2) == [1, 4] and len(instance_indices(source, (), 0)) == 12
+    with pytest.raises(ValueError, match=r"features \['slant'\] the examples lack"):
+        instance_indices(source, ("slant=1",), 0)
+    with pytest.raises(ValueError, match="no example matches"):
+        instance_indices(source, ("label=5",), 0)
+
+
+def test_class_images_are_drawn_once_and_reused(tmp_path):
+    calls = []
+
+    def draw():
+        calls.append(1)
+        return np.linspace(-2, 2, 3 * 8 * 8).reshape(3, 8, 8, 1)
+    meta = {"class_prompt": "a seven", "num_class_images": 3, "seed": 0, "base": "b"}
+    first = class_images(str(tmp_path), meta, draw)
+    assert first.min() == -1 and first.max() == 1 and first.dtype == np.float32   # clipped to the image range
+    again = class_images(str(tmp_path), meta, draw)
+    np.testing.assert_array_equal(again, first)
+    assert len(calls) == 1 and os.path.isfile(tmp_path / "class_images" / "grid.png")
+    with pytest.raises(ValueError, match=r"class_prompt: \('a seven', 'a two'\).*new workdir"):
+        class_images(str(tmp_path), {**meta, "class_prompt": "a two"}, draw)
+
+
+# ----------------------------------------------------------------------------------------- bases, errors
+def _tiny_text_base_config(data_dir):
+    from test_text_training import tiny_text_config
+    return tiny_text_config(data_dir, **{"train.sample_every": 0})
+
+
+def _save_untrained(config, workdir):
+    """A base run's step-0 checkpoint (its initial parameters), written without training."""
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.checkpoint import Checkpointer
+    from jaxdiff.train_lib.experiment import build_experiment
+    exp = build_experiment(config, make_mesh())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = exp.init_state()
+    ckpt.save(0, state, {"next_batch": 0}, config_lib.to_dict(config))
+    ckpt.close()
+    return workdir, jax.device_get(state.ema_params)
+
+
+@pytest.fixture(scope="module")
+def captioned_dir(tmp_path_factory):
+    from jaxdiff.data.captioned_digits import build_captioned_digits
+    d = str(tmp_path_factory.mktemp("tfds"))
+    build_captioned_digits(d, 16)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_base(tmp_path_factory):
+    """An untrained tiny text run (nothing here reads its data)."""
+    return _save_untrained(_tiny_text_base_config(str(tmp_path_factory.mktemp("no_data"))),
+                           str(tmp_path_factory.mktemp("text_base")))[0]
+
+
+@pytest.fixture(scope="module")
+def text_base_params(text_base):
+    from jaxdiff.train_lib.experiment import restore_run
+    return jax.device_get(restore_run(text_base)[1].ema_params)
+
+
+def lora_config(base, data_dir, **over):
+    c = config_lib.default_config()
+    values = {"task": "lora", "lora.base": base, "lora.rank": 2, "lora.targets": ("cross_attention",),
+              "lora.instance_prompt": "a <v1> seven", "lora.new_tokens": ("<v1>",), "lora.token_init": ("seven",),
+              "lora.instance_filter": ("label=7",), "lora.num_instance_images": 4, "lora.class_prompt": "a seven",
+              "lora.num_class_images": 6, "data.name": "captioned_digits/16", "data.data_dir": data_dir,
+              "data.image_size": 8, "process.name": "vp_cosine", "loss.target": "v", "train.steps": 4,
+              "train.batch_size": 8, "train.log_every": 1, "train.sample_every": 0, "checkpoint.every": 2,
+              "checkpoint.keep": 3, "checkpoint.async_save": False, "sample.steps": 2, "optim.lr": 1e-2,
+              "optim.warmup_steps": 0, "optim.schedule": "constant", "train.ema_decay": 0.5}
+    values.update(over)
+    config_lib.apply_overrides(c, [f"{k}={v!r}" for k, v in values.items()])
+    return c
+
+
+def test_text_lora_experiment_trains_adapters_and_new_rows_only(text_base, text_base_params):
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    from jaxdiff.train_lib.lora_text import TABLE, _table
+    exp = build_experiment(lora_config(text_base, "unused"), make_mesh())
+    base_table = np.asarray(_table(text_base_params))
+    assert set(exp.init_params) == {"lora", "new_tokens"} and exp.new_token_ids == (base_table.shape[0],)
+    # the new row starts at "seven"'s embedding; the frozen base holds the old rows only, bitwise
+    seven = exp.tokenizer.tokenize("seven")[0]
+    np.testing.assert_array_equal(exp.init_params["new_tokens"][0], base_table[seven])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.base_params), text_base_params)
+    assert exp.memory["new_token_bytes"] == base_table.shape[1] * 4 and TABLE[0] == "text_encoder"
+    assert exp.memory["optimizer_state_bytes"] < 3 * (exp.memory["adapter_bytes"] + exp.memory["new_token_bytes"])
+    # at the start (adapters zero) the LoRA model encodes a known prompt exactly as the base
+    assert list(exp.instance_tokens[:4]) == [1, *exp.tokenizer.tokenize("a <v1> seven")]
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"lora.instance_prompt": "a seven"}, r"does not contain the new token\(s\) \['<v1>'\]"),
+    ({"lora.instance_prompt": None}, "needs config key 'lora.instance_prompt'"),
+    ({"lora.class_prompt": "a <v1>"}, "'lora.class_prompt' = 'a <v1>' contains a new token"),
+    ({"data.image_size": 16}, "'data.image_size' is 16 but the base run"),
+])
+def test_text_lora_errors_come_before_the_base_is_read(text_base, over, match):
+    from jaxdiff.train_lib.experiment import build_experiment
+    with pytest.raises(ValueError, match=match):
+        build_experiment(lora_config(text_base, "unused", **over), None)
+
+
+def test_prior_and_token_config_errors_come_first(tmp_path):
+    for over, match in [({"lora.num_class_images": 0}, "needs both config keys 'lora.class_prompt' and"),
+                        ({"lora.class_prompt": None}, "needs both"),
+                        ({"lora.token_init": ("seven", "one")}, "has 2 entries for 1 new tokens"),
+                        ({"lora.prior_loss_weight": -1.0}, "'lora.prior_loss_weight' must be >= 0"),
+                        ({"lora.instance_filter": ("label:7",)}, "'label:7' must read 'feature=integer'")]:
+        with pytest.raises(ValueError, match=match):
+            config_lib.validate(lora_config(str(tmp_path), "unused", **over))
+    pipe = tmp_path / "pipe"
+    (pipe / "text_encoder").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    from jaxdiff.train_lib.experiment import build_experiment
+    with pytest.raises(ValueError, match="diffusers text-to-image pipeline, a latent .* not supported"):
+        build_experiment(lora_config(str(pipe), "unused"), None)
+
+
+def test_text_options_on_a_base_without_text_are_refused(tmp_path):
+    from test_train_lora import _config
+
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    base, _ = _save_untrained(_config(tmp_path), str(tmp_path / "class_base"))
+    c = lora_config(base, "unused", **{"data.name": "digits/16", "data.image_size": 16})
+    defaults = config_lib.default_config()
+    c.process.name, c.loss.target = defaults.process.name, defaults.loss.target
+    with pytest.raises(ValueError, match=r"\['lora.instance_prompt', 'lora.new_tokens', 'lora.class_prompt'\].*"
+                                         "no text conditioning"):
+        build_experiment(c, make_mesh())
+
+
+# ---------------------------------------------------------------------------------- through the loop
+@pytest.mark.slow   # two LoRA runs (one resumed) + sampling through the CLI: ~1-3 min on the shared 2-core machine
+def test_text_lora_run_freezes_the_base_resumes_exactly_and_samples_its_token(text_base, text_base_params,
+                                                                               captioned_dir, tmp_path):
+    from jaxdiff.cli.sample import main
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.lora_text import _table
+    from jaxdiff.train_lib.loop import train
+    workdir = str(tmp_path / "lora")
+    out = train(lora_config(text_base, captioned_dir), workdir)
+    assert out["step"] == 4 and set(out["params"]) == {"lora", "new_tokens"}
+    exp, state, _ = restore_run(workdir, task="lora")
+    base = text_base_params
+    # only the adapters and the new row moved; the base (old token rows included) is bitwise the base run's
+    assert not np.array_equal(out["params"]["new_tokens"], exp.init_params["new_tokens"])
+    flat = jax.tree_util.tree_flatten_with_path(out["params"]["lora"])[0]
+    assert all(np.abs(v).max() > 0 for p, v in flat if "lora_b" in str(p[-1]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.base_params), base)
+    assert _table(jax.device_get(exp.base_params)).shape[0] == exp.new_token_ids[0]
+    # the optimizer state holds moments of the adapters and the new row only
+    trained = sum(np.asarray(v).nbytes for v in jax.tree.leaves(out["params"]))
+    assert sum(np.asarray(x).nbytes for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0) == 2 * trained
+    # the class images were drawn once; a resumed copy (from step 2) reads them and ends bitwise equal
+    class_file = os.path.join(workdir, "class_images", "images.npz")
+    meta = json.load(open(os.path.join(workdir, "class_images", "meta.json")))
+    assert meta["class_prompt"] == "a seven" and np.load(class_file)["images"].shape == (6, 8, 8, 1)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    copied = os.path.join(resumed, "class_images", "images.npz")
+    stamp = os.stat(copied).st_mtime_ns
+    again = train(lora_config(text_base, captioned_dir), resumed)
+    assert again["step"] == 4 and os.stat(copied).st_mtime_ns == stamp
+    jax.tree.map(np.testing.assert_array_equal, again["params"], out["params"])
+    # the run samples with its new token (jaxdiff-sample --workdir --prompt)
+    a, b = exp.encode_prompts(state.ema_params, ["a <v1> seven", "a seven"])
+    assert np.abs(a - b).max() > 1e-4
+    dest = str(tmp_path / "samples")
+    assert main(["--workdir", workdir, "--prompt", "a <v1> seven", "--num", "2", "--steps", "2", "--out", dest]) == 0
+    images = np.load(os.path.join(dest, "samples.npz"))["images"]
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
