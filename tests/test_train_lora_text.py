@@ -68,15 +68,14 @@ def test_new_rows_start_from_a_word_or_at_random():
 
 # ------------------------------------------------------------------------------------- prior preservation
 def test_prior_weighted_loss_is_instance_mean_plus_weight_times_class_mean():
-    from jaxdiff import losses
-    from jaxdiff.noise import make_process
     from jaxdiff.train_lib.lora_text import prior_weighted
-    loss_fn = losses.make_denoising_loss(make_process("vp_cosine"), target="v")
-    x0 = jnp.asarray(np.random.RandomState(0).randn(6, 4, 4, 1), jnp.float32)
+    x0 = np.random.RandomState(0).randn(6, 4, 4, 1).astype(np.float32)
+    per_example = lambda apply_fn, x, key: jnp.mean((apply_fn(x, None) - x) ** 2, axis=(1, 2, 3))  # noqa: E731
     apply_fn = lambda x, t: 0.3 * x          # noqa: E731
-    per = np.asarray(loss_fn(apply_fn, x0, jax.random.key(1)))
-    weighted = np.asarray(prior_weighted(loss_fn, 0.25)(apply_fn, x0, jax.random.key(1)))
+    per = np.asarray(per_example(apply_fn, x0, None))
+    weighted = np.asarray(prior_weighted(per_example, 0.25)(apply_fn, x0, None))
     np.testing.assert_allclose(weighted.mean(), per[:3].mean() + 0.25 * per[3:].mean(), rtol=1e-6)
+    assert not np.isclose(per.mean(), weighted.mean())
 
 
 def _image_iterator(n=10, batch=4):
@@ -289,3 +288,42 @@ def test_text_lora_run_freezes_the_base_resumes_exactly_and_samples_its_token(te
     assert main(["--workdir", workdir, "--prompt", "a <v1> seven", "--num", "2", "--steps", "2", "--out", dest]) == 0
     images = np.load(os.path.join(dest, "samples.npz"))["images"]
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+@pytest.mark.slow   # builds a CLIP folder base and compiles its text encoder: ~10-20 s on the shared 2-core machine
+def test_a_frozen_clip_folder_base_learns_a_bpe_token(tmp_path):
+    pytest.importorskip("tokenizers")
+    from flax import nnx
+    from test_text_to_image import write_tokenizer_files
+
+    from jaxdiff.convert.clip import save_clip_text_model
+    from jaxdiff.nn.clip_text import CLIPTextConfig, CLIPTextModel
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    from jaxdiff.train_lib.lora_text import _table
+    n = write_tokenizer_files(str(tmp_path / "tokenizer"), max_length=12)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                       max_position_embeddings=12, bos_token_id=n - 2, eos_token_id=n - 1,
+                                       pad_token_id=n - 1), rngs=nnx.Rngs(5))
+    save_clip_text_model(enc, str(tmp_path / "text_encoder"))
+    from test_text_training import tiny_text_config
+    base_config = tiny_text_config(str(tmp_path), **{"text.encoder": str(tmp_path / "text_encoder"),
+                                                     "text.tokenizer": str(tmp_path / "tokenizer"),
+                                                     "train.sample_every": 0, "text.word_dropout": 0.0,
+                                                     "text.unknown_words": 0.0})
+    base, _ = _save_untrained(base_config, str(tmp_path / "base"))
+    exp = build_experiment(lora_config(base, "unused", **{"lora.instance_prompt": "a photo of <v1>",
+                                                          "lora.token_init": ("",), "lora.class_prompt": None,
+                                                          "lora.num_class_images": 0}), make_mesh())
+    assert exp.new_token_ids == (n,) and n in exp.instance_tokens
+    table = np.asarray(_table(jax.device_get(exp.base_params)))
+    np.testing.assert_array_equal(table, np.asarray(enc.embeddings.token_embedding.embedding.get_value()))
+    # the prompt with the new token reads the trained row; a prompt without it does not
+    shift = np.random.RandomState(1).randn(*exp.init_params["new_tokens"].shape).astype(np.float32)  # not constant:
+    moved = {**exp.init_params, "new_tokens": exp.init_params["new_tokens"] + shift}  # LayerNorm removes one
+    a0, b0 = exp.encode_prompts(exp.init_params, ["a photo of <v1>", "a photo of a cat"])
+    a1, b1 = exp.encode_prompts(moved, ["a photo of <v1>", "a photo of a cat"])
+    assert np.abs(a1 - a0).max() > 1e-3
+    np.testing.assert_array_equal(b1, b0)
+    np.testing.assert_allclose(b0, np.asarray(enc.encode(jnp.asarray(exp.tokenize(["a photo of a cat"]))))[0],
+                               atol=1e-6)
