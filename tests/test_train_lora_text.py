@@ -224,7 +224,7 @@ def test_prior_and_token_config_errors_come_first(tmp_path):
     (pipe / "text_encoder").mkdir(parents=True)
     (pipe / "model_index.json").write_text("{}")
     from jaxdiff.train_lib.experiment import build_experiment
-    with pytest.raises(ValueError, match="diffusers text-to-image pipeline, a latent .* not supported"):
+    with pytest.raises(ValueError, match="diffusers text-to-image pipeline: task='lora' .* not supported yet"):
         build_experiment(lora_config(str(pipe), "unused"), None)
 
 
@@ -327,3 +327,31 @@ def test_a_frozen_clip_folder_base_learns_a_bpe_token(tmp_path):
     np.testing.assert_array_equal(b1, b0)
     np.testing.assert_allclose(b0, np.asarray(enc.encode(jnp.asarray(exp.tokenize(["a photo of a cat"]))))[0],
                                atol=1e-6)
+
+
+@pytest.mark.slow   # an autoencoder + latent text base (untrained) and a 2-step LoRA run: ~1-2 min on 2 cores
+def test_a_latent_text_base_trains_on_latents_and_draws_pixel_class_images(tmp_path, captioned_dir):
+    from test_train_autoencoder import ae_config
+
+    from jaxdiff.train_lib.ae_experiment import SCALE_FILE
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.loop import train
+    ae, _ = _save_untrained(ae_config(captioned_dir, 2), str(tmp_path / "ae"))    # f2: 16x16x1 -> 8x8x2
+    with open(os.path.join(ae, SCALE_FILE), "w") as f:
+        json.dump({"scale_factor": 0.5}, f)
+    from test_text_training import tiny_text_config
+    base, _ = _save_untrained(tiny_text_config(captioned_dir, **{
+        "data.image_size": 16, "latent.autoencoder": ae, "latent.size": 8, "latent.channels": 2,
+        "train.sample_every": 0}), str(tmp_path / "base"))
+    workdir = str(tmp_path / "lora")
+    c = lora_config(base, captioned_dir, **{"data.image_size": 16, "train.steps": 2, "lora.num_class_images": 4})
+    out = train(c, workdir)
+    assert out["step"] == 2 and np.isfinite(out["final_loss"]) and set(out["params"]) == {"lora", "new_tokens"}
+    assert np.load(os.path.join(workdir, "class_images", "images.npz"))["images"].shape == (4, 16, 16, 1)
+    exp, state, _ = restore_run(workdir, task="lora")
+    assert exp.model_shape == (8, 8, 2) and exp.autoencoder.scale == 0.5
+    model = exp.sampling_model(state.ema_params)
+    from jaxdiff.sampling import Sampler, SamplerSettings
+    images = Sampler(model, SamplerSettings.resolve(exp.config.sample), exp.mesh)(
+        state.ema_params, None, jax.random.key(0), context=model.encode_prompts(["a <v1> seven"] * 2))
+    assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()

@@ -55,9 +55,9 @@ def _check_base_folder(config) -> str:
     if not os.path.isdir(base):
         raise ValueError(f"config key 'lora.base' = {base!r} is not a folder")
     if os.path.isfile(os.path.join(base, "model_index.json")) and os.path.isdir(os.path.join(base, "text_encoder")):
-        raise ValueError(f"config key 'lora.base' = {base!r} is a diffusers text-to-image pipeline, a latent (VAE) "
-                         "model: task='lora' fine-tunes text-conditioned pixel bases only (a jaxdiff text run, "
-                         "configs/text_digits.py); latent text-to-image bases are not supported yet")
+        raise ValueError(f"config key 'lora.base' = {base!r} is a diffusers text-to-image pipeline: task='lora' "
+                         "fine-tunes text-conditioned jaxdiff runs (pixel or latent, e.g. configs/text_digits.py); "
+                         "diffusers text-to-image pipelines as bases are not supported yet")
     return base
 
 

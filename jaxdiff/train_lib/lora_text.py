@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of a text-conditioned base (``task="lora"`` on a jaxdiff text run): adapters on the base's
+"""LoRA fine-tuning of a text-conditioned base (``task="lora"`` on a jaxdiff text run, pixel or latent: the latter
+trains on its frozen autoencoder's latents and its class images are decoded pixels): adapters on the base's
 UNet, optional new tokens (textual-inversion rows of the text encoder's token table), the instance prompt as the
 caption of every fine-tuning image, and DreamBooth's prior preservation.
 
@@ -100,6 +101,7 @@ class TextLoRAExperiment(TextDiffusionExperiment):
                                label_dropout=c.text.caption_dropout, null_class=self.null_tokens,
                                ema_decay=c.train.ema_decay, conditional=True)
         instance, klass = jnp.asarray(self.instance_tokens), self.class_tokens
+        encode = self.autoencoder.encode if self.autoencoder is not None else None
 
         def lora_step(state, batch):
             images = batch["image"]
@@ -108,6 +110,8 @@ class TextLoRAExperiment(TextDiffusionExperiment):
                 # the step's micro-batch i takes rows i, i + A, ...: with B % A == 0 each holds B/A rows of each half
                 images = jnp.concatenate([images, batch["class_image"]])
                 tokens = jnp.concatenate([tokens, jnp.broadcast_to(jnp.asarray(klass), tokens.shape)])
+            if encode is not None:      # a latent base: its frozen autoencoder's latents, as the base trained on
+                images = jax.lax.stop_gradient(encode(images))
             return step(state, {"image": images, "label": tokens})
         return lora_step
 
@@ -157,12 +161,9 @@ class TextLoRAExperiment(TextDiffusionExperiment):
 
 def check_text_lora_config(config, base_config) -> None:
     """ValueError, before anything is read or built, for a run that does not fit its text base (``base_config``:
-    the base run's stored config): a latent base, other image sizes, a missing instance prompt, an instance
-    prompt without the new tokens or a class prompt with one."""
+    the base run's stored config): other image sizes, a missing instance prompt, an instance prompt without the
+    new tokens or a class prompt with one."""
     lo, base = config.lora, config.lora.base
-    if base_config.latent.autoencoder:
-        raise ValueError(f"the base {base!r} is a latent text-conditioned run; task='lora' fine-tunes pixel "
-                         "text-conditioned bases only (latent bases are not supported yet)")
     for key in ("image_size", "channels"):
         if config.data[key] != base_config.data[key]:
             raise ValueError(f"config key 'data.{key}' is {config.data[key]!r} but the base run {base!r} has "
@@ -195,6 +196,7 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
                     p for p in (config.lora.instance_prompt, config.lora.class_prompt) if p)}
         config.text = bc.text
         config.text.update(keep)
+        config.latent = bc.latent
 
     # the base network with its weights, grown by the new rows, with adapters on its UNet
     model = nnx.merge(base_exp.apply.graphdef, nnx.State(base_params), base_exp.apply.rest)
@@ -261,7 +263,7 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         state_shardings=shardings, num_params=sum(int(x.size) for x in jax.tree.leaves(params)),
         sample_settings=SamplerSettings.resolve(config.sample), tokenizer=tokenizer,
         null_tokens=tokenize([""])[0], encode_text=jax.jit(encode_text), context_shape=base_exp.context_shape,
-        base_params=base_values, memory=memory, new_token_ids=tuple(ids),
+        autoencoder=base_exp.autoencoder, base_params=base_values, memory=memory, new_token_ids=tuple(ids),
         instance_tokens=tokenize([config.lora.instance_prompt])[0],
         class_tokens=tokenize([config.lora.class_prompt])[0] if prior else None)
 
