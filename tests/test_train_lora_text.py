@@ -204,7 +204,7 @@ def test_text_lora_experiment_trains_adapters_and_new_rows_only(text_base, text_
     ({"lora.instance_prompt": "a seven"}, r"does not contain the new token\(s\) \['<v1>'\]"),
     ({"lora.instance_prompt": None}, "needs config key 'lora.instance_prompt'"),
     ({"lora.class_prompt": "a <v1>"}, "'lora.class_prompt' = 'a <v1>' contains a new token"),
-    ({"data.image_size": 16}, "'data.image_size' is 16 but the base run"),
+    ({"data.image_size": 16}, "'data.image_size' is 16 but the base .* has 8"),
 ])
 def test_text_lora_errors_come_before_the_base_is_read(text_base, over, match):
     from jaxdiff.train_lib.experiment import build_experiment
@@ -220,12 +220,15 @@ def test_prior_and_token_config_errors_come_first(tmp_path):
                         ({"lora.instance_filter": ("label:7",)}, "'label:7' must read 'feature=integer'")]:
         with pytest.raises(ValueError, match=match):
             config_lib.validate(lora_config(str(tmp_path), "unused", **over))
-    pipe = tmp_path / "pipe"
+    pipe = tmp_path / "pipe"        # a text-to-image folder whose parts are missing: named before any loading
     (pipe / "text_encoder").mkdir(parents=True)
-    (pipe / "model_index.json").write_text("{}")
+    (pipe / "model_index.json").write_text(json.dumps({p: ["x", "y"] for p in ("text_encoder", "tokenizer", "unet",
+                                                                                "vae", "scheduler")}))
     from jaxdiff.train_lib.experiment import build_experiment
-    with pytest.raises(ValueError, match="diffusers text-to-image pipeline: task='lora' .* not supported yet"):
+    with pytest.raises(ValueError, match="the 'tokenizer' part is listed in model_index.json but the folder"):
         build_experiment(lora_config(str(pipe), "unused"), None)
+    with pytest.raises(ValueError, match="does not contain the new token"):     # prompts first
+        build_experiment(lora_config(str(pipe), "unused", **{"lora.instance_prompt": "a cat"}), None)
 
 
 def test_text_options_on_a_base_without_text_are_refused(tmp_path):
@@ -355,3 +358,34 @@ def test_a_latent_text_base_trains_on_latents_and_draws_pixel_class_images(tmp_p
     images = Sampler(model, SamplerSettings.resolve(exp.config.sample), exp.mesh)(
         state.ema_params, None, jax.random.key(0), context=model.encode_prompts(["a <v1> seven"] * 2))
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parity  # a tiny StableDiffusionPipeline saved by diffusers as the base: ~1-3 min on 2 cores
+def test_a_diffusers_text_to_image_folder_as_base(tmp_path):
+    from test_text_to_image import _reference_pipeline
+
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.lora_text import _table
+    from jaxdiff.train_lib.loop import train
+    folder = _reference_pipeline(str(tmp_path))[3]          # DDIM (eps), 8x8x4 latents of 16x16x3 images
+    workdir = str(tmp_path / "lora")
+    c = lora_config(folder, None, **{
+        "data.name": "photo_crops/32", "data.image_size": 16, "data.channels": 3, "data.label_key": None,
+        "lora.instance_filter": (), "lora.num_instance_images": 8, "lora.instance_prompt": "a photo of <v1>",
+        "lora.token_init": ("cat",), "lora.class_prompt": "a photo of a cat", "lora.num_class_images": 4,
+        "loss.target": "eps", "train.steps": 2})
+    out = train(c, workdir)
+    assert out["step"] == 2 and set(out["params"]) == {"lora", "new_tokens"}
+    assert np.load(os.path.join(workdir, "class_images", "images.npz"))["images"].shape == (4, 16, 16, 3)
+    exp, state, _ = restore_run(workdir, task="lora")
+    pipe = load_text_to_image(folder)
+    table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding.get_value())
+    np.testing.assert_array_equal(np.asarray(_table(jax.device_get(exp.base_params))), table)
+    assert exp.new_token_ids == (table.shape[0],) and exp.model_shape == (8, 8, 4)
+    # the frozen UNet is bitwise the folder's
+    from flax import nnx
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.base_params)["unet"],
+                 nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param)))
+    assert os.path.isfile(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))

@@ -159,15 +159,9 @@ class TextLoRAExperiment(TextDiffusionExperiment):
         return lora_data.PriorBatches(it, self.class_images, seed)
 
 
-def check_text_lora_config(config, base_config) -> None:
-    """ValueError, before anything is read or built, for a run that does not fit its text base (``base_config``:
-    the base run's stored config): other image sizes, a missing instance prompt, an instance prompt without the
-    new tokens or a class prompt with one."""
-    lo, base = config.lora, config.lora.base
-    for key in ("image_size", "channels"):
-        if config.data[key] != base_config.data[key]:
-            raise ValueError(f"config key 'data.{key}' is {config.data[key]!r} but the base run {base!r} has "
-                             f"{base_config.data[key]!r}")
+def check_prompts(config) -> None:
+    """ValueError for a missing instance prompt, one without the new tokens, or a class prompt with one."""
+    lo = config.lora
     new_tokens = tuple(lo.new_tokens)
     if not lo.instance_prompt:
         raise ValueError("a text-conditioned base needs config key 'lora.instance_prompt' (the caption of every "
@@ -179,6 +173,50 @@ def check_text_lora_config(config, base_config) -> None:
     if lo.class_prompt and any(t in lo.class_prompt for t in new_tokens):
         raise ValueError(f"config key 'lora.class_prompt' = {lo.class_prompt!r} contains a new token; the class "
                          "prompt describes the class the frozen base already knows")
+
+
+def check_text_lora_config(config, base_config) -> None:
+    """ValueError, before anything is read or built, for a run that does not fit its text base (``base_config``:
+    the base run's stored config): other image sizes or channels, or prompts :func:`check_prompts` refuses."""
+    for key in ("image_size", "channels"):
+        if config.data[key] != base_config.data[key]:
+            raise ValueError(f"config key 'data.{key}' is {config.data[key]!r} but the base {config.lora.base!r} "
+                             f"has {base_config.data[key]!r}")
+    check_prompts(config)
+
+
+def diffusers_text_base(config):
+    """``(base, params)`` of a diffusers text-to-image folder ``config.lora.base`` (``StableDiffusionPipeline``
+    layout: tokenizer, CLIP text encoder, UNet, VAE, scheduler) in the form :func:`build_text_lora_experiment` takes
+    a jaxdiff text run: ``base`` has the run's ``config`` with the folder's sizes, parts and prediction filled in, the
+    network's ``apply.graphdef`` / ``apply.rest``, ``tokenizer``, ``process``, ``unet``, ``context_shape`` and the
+    VAE as the frozen ``autoencoder``; ``params`` the network's parameters (UNet and text encoder)."""
+    from types import SimpleNamespace
+
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    from jaxdiff.nn.text_unet import TextConditionedUNet
+    from jaxdiff.train_lib.latent import load_diffusers_autoencoder
+    folder = config.lora.base
+    check_prompts(config)
+    pipe = load_text_to_image(folder)
+    bc = config.copy_and_resolve_references()
+    with bc.unlocked():
+        bc.data.image_size = pipe.sample_size * pipe.vae.config.downsample_factor
+        bc.data.channels = pipe.vae.config.in_channels
+        bc.latent.autoencoder, bc.latent.size = os.path.join(folder, "vae"), pipe.sample_size
+        bc.latent.channels = pipe.unet.config.in_channels
+        bc.text.encoder, bc.text.tokenizer = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
+        bc.text.max_length, bc.text.clip_skip = pipe.tokenizer.model_max_length, 0
+    check_text_lora_config(config, bc)
+    if config.loss.target != pipe.prediction:
+        raise ValueError(f"config key 'loss.target' is {config.loss.target!r} but the scheduler of {folder!r} "
+                         f"predicts {pipe.prediction!r}")
+    graphdef, params, rest = nnx.split(TextConditionedUNet(pipe.unet, pipe.text_encoder), nnx.Param, ...)
+    base = SimpleNamespace(config=bc, apply=SimpleNamespace(graphdef=graphdef, rest=rest), tokenizer=pipe.tokenizer,
+                           process=pipe.process, unet=pipe.unet.config, autoencoder=load_diffusers_autoencoder(
+                               bc.latent.autoencoder, bc.data.image_size),
+                           context_shape=(pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size))
+    return base, nnx.to_pure_dict(params)
 
 
 def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusionExperiment,
@@ -268,4 +306,5 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         class_tokens=tokenize([config.lora.class_prompt])[0] if prior else None)
 
 
-__all__ = ["TABLE", "TextLoRAExperiment", "build_text_lora_experiment", "check_text_lora_config", "prior_weighted"]
+__all__ = ["TABLE", "TextLoRAExperiment", "build_text_lora_experiment", "check_prompts", "check_text_lora_config",
+           "diffusers_text_base", "prior_weighted"]
