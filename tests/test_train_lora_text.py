@@ -369,7 +369,7 @@ def test_a_diffusers_text_to_image_folder_as_base(tmp_path):
     from jaxdiff.train_lib.experiment import restore_run
     from jaxdiff.train_lib.lora_text import _table
     from jaxdiff.train_lib.loop import train
-    folder = _reference_pipeline(str(tmp_path))[3]          # DDIM (eps), 8x8x4 latents of 16x16x3 images
+    torch, _, torch_pipe, folder = _reference_pipeline(str(tmp_path))   # DDIM (eps), 8x8x4 latents of 16x16x3
     workdir = str(tmp_path / "lora")
     c = lora_config(folder, None, **{
         "data.name": "photo_crops/32", "data.image_size": 16, "data.channels": 3, "data.label_key": None,
@@ -388,4 +388,19 @@ def test_a_diffusers_text_to_image_folder_as_base(tmp_path):
     from flax import nnx
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.base_params)["unet"],
                  nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param)))
-    assert os.path.isfile(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))
+    # diffusers reads the run's exports (load_lora_weights, load_textual_inversion) and computes what jaxdiff does
+    torch_pipe.load_lora_weights(os.path.join(workdir, "lora"))
+    torch_pipe.load_textual_inversion(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))
+    prompt = ["a photo of <v1>"]
+    ids = torch_pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids == exp.tokenize(prompt).tolist()
+    x = np.random.RandomState(0).randn(1, 8, 8, 4).astype(np.float32)
+    with torch.no_grad():
+        ctx_t = torch_pipe.text_encoder(torch.tensor(ids))[0]
+        eps_t = torch_pipe.unet(torch.tensor(x).permute(0, 3, 1, 2), 500, encoder_hidden_states=ctx_t).sample
+    ctx = exp.encode_prompts(state.ema_params, prompt)
+    np.testing.assert_allclose(ctx, ctx_t.numpy(), atol=1e-4)
+    eps = np.asarray(exp.network(state.ema_params).unet(jnp.asarray(x), jnp.array([500.0]), jnp.asarray(ctx)))
+    np.testing.assert_allclose(eps, eps_t.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    base_eps = np.asarray(pipe.unet(jnp.asarray(x), jnp.array([500.0]), jnp.asarray(ctx)))
+    assert np.abs(eps - base_eps).max() > 1e-5          # the adapters changed the UNet

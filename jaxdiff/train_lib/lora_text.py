@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,8 @@ class TextLoRAExperiment(TextDiffusionExperiment):
     instance_tokens: np.ndarray | None = None   # (S,)
     class_tokens: np.ndarray | None = None      # (S,) with prior preservation, else None
     class_images: np.ndarray | None = None      # (N, H, W, C) once the data iterator is made
+    network: Callable | None = None             # params -> the TextConditionedUNet (adapters, grown table)
+    diffusers_base: bool = False                # the base is a diffusers folder: the adapters are exported too
 
     @property
     def prior(self) -> bool:
@@ -117,7 +119,12 @@ class TextLoRAExperiment(TextDiffusionExperiment):
 
     def finish(self, state, data_iter, workdir: str, step: int) -> dict:
         """Export each new token's trained (EMA) row as a diffusers textual-inversion file,
-        ``<workdir>/textual_inversion/learned_embeds_<i>.safetensors`` (``load_textual_inversion`` reads it)."""
+        ``<workdir>/textual_inversion/learned_embeds_<i>.safetensors`` (``load_textual_inversion`` reads it), and,
+        on a diffusers base, the (EMA) adapters as ``<workdir>/lora/pytorch_lora_weights.safetensors``
+        (``load_lora_weights`` reads it)."""
+        if self.diffusers_base and jax.process_index() == 0:
+            from jaxdiff.convert.lora import save_lora_diffusers
+            save_lora_diffusers(self.network(state.ema_params).unet, os.path.join(workdir, "lora"))
         if self.new_token_ids and jax.process_index() == 0:
             from jaxdiff.convert.textual_inversion import save_textual_inversion
             rows = np.asarray(jax.device_get(state.ema_params["new_tokens"]), np.float32)
@@ -213,6 +220,7 @@ def diffusers_text_base(config):
                          f"predicts {pipe.prediction!r}")
     graphdef, params, rest = nnx.split(TextConditionedUNet(pipe.unet, pipe.text_encoder), nnx.Param, ...)
     base = SimpleNamespace(config=bc, apply=SimpleNamespace(graphdef=graphdef, rest=rest), tokenizer=pipe.tokenizer,
+                           diffusers=True,
                            process=pipe.process, unet=pipe.unet.config, autoencoder=load_diffusers_autoencoder(
                                bc.latent.autoencoder, bc.data.image_size),
                            context_shape=(pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size))
@@ -268,9 +276,12 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         """The base with these adapters and token rows: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         return full_apply(full_params(p), x, model_time, condition, dropout_key)
 
+    def network(p):
+        """The network (a TextConditionedUNet with these adapters and token rows) as a module."""
+        return nnx.merge(graphdef, nnx.State(full_params(p)), nnx.State(rest_values))
+
     def encode_text(p, tokens):
-        return nnx.merge(graphdef, nnx.State(full_params(p)), nnx.State(rest_values)).encode_text(
-            tokens).astype(jnp.float32)
+        return network(p).encode_text(tokens).astype(jnp.float32)
 
     params = {"lora": nnx.to_pure_dict(adapters)}
     param_sh = {"lora": nnx.to_pure_dict(state_shardings(adapters, mesh))}
@@ -302,6 +313,7 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         sample_settings=SamplerSettings.resolve(config.sample), tokenizer=tokenizer,
         null_tokens=tokenize([""])[0], encode_text=jax.jit(encode_text), context_shape=base_exp.context_shape,
         autoencoder=base_exp.autoencoder, base_params=base_values, memory=memory, new_token_ids=tuple(ids),
+        network=network, diffusers_base=bool(getattr(base_exp, "diffusers", False)),
         instance_tokens=tokenize([config.lora.instance_prompt])[0],
         class_tokens=tokenize([config.lora.class_prompt])[0] if prior else None)
 
