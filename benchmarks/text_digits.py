@@ -90,6 +90,35 @@ def training_phrasing_prompts(labels, thick, slant, template: int = 3) -> list[s
     return [caption(labels[i], thick[i], slant[i], 0, TRAIN_TEMPLATES[template]) for i in range(len(labels))]
 
 
+def held_out_seen_in_training(run: str, prompts: list[str]) -> dict:
+    """How much of the held-out prompts' token sequences the run's training saw: replays the run's caption draws
+    (its data iterator and the word noise of every step, as its train step drew them) and returns the share of
+    ``prompts`` whose exact token sequence (``<unk>`` for the held-out words) occurred among them."""
+    import jax
+    from jaxdiff.data.words import SPECIAL
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.loop import data_iterator
+    from jaxdiff.train_lib.text_diffusion import WORD_NOISE_KEY_TAG
+    from jaxdiff.train_lib.word_noise import add_word_noise
+    exp, _, step = restore_run(run)
+    c, tok = exp.config, exp.tokenizer
+    noise = jax.jit(lambda k, t: add_word_noise(
+        k, t, drop=c.text.word_dropout, insert=c.text.unknown_words, unk_id=tok.unk_token_id,
+        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, first_word_id=len(SPECIAL)))
+    base = jax.random.key(c.seed)
+    seen = set()
+    with data_iterator(c, c.seed, tokenize=exp.tokenize) as it:
+        for s in range(int(step)):
+            tokens = next(it)["tokens"]
+            if c.text.word_dropout > 0 or c.text.unknown_words > 0:
+                key = jax.random.fold_in(jax.random.fold_in(base, s), WORD_NOISE_KEY_TAG)
+                tokens = np.asarray(noise(key, tokens))
+            seen.update(map(tuple, tokens.tolist()))
+    wanted = [tuple(r) for r in exp.tokenize(prompts).tolist()]
+    return {"steps": int(step), "distinct_training_sequences": len(seen),
+            "held_out_seen": float(np.mean([w in seen for w in wanted]))}
+
+
 def summarize(cells: list[dict]) -> dict:
     out = {}
     for key in ("class", "thickness", "slant"):
@@ -128,7 +157,22 @@ def write_markdown(result: dict, path: str) -> None:
     text += "`HELD_OUT_TEMPLATES[0]` / `[1]` for `held_out`; for `training_phrasing` both halves use the same training "
     text += "phrasing), mean over sampling seeds:\n\n"
     text += "| phrasing | guidance | template | class agreement |\n|---|---|---|---|\n"
-    text += "\n".join(tmpl_rows) + "\n\n" + result.get("notes", "") + "\n"
+    text += "\n".join(tmpl_rows) + "\n\n"
+    per_run = {}
+    for c in result["cells"]:
+        if c["model"] == "text":
+            per_run.setdefault((c["run"], c["phrasing"], str(c["guidance"])), []).append(c)
+    if len({r for r, _, _ in per_run}) > 1:
+        text += "Per training run (mean over sampling seeds):\n\n| run | phrasing | guidance | class | thickness | slant |\n"
+        text += "|---|---|---|---|---|---|\n" + "\n".join(
+            f"| {r} | {ph} | {gd} | " + " | ".join(f"{np.mean([c[k] for c in v]):.3f}" for k in ("class", "thickness",
+                                                                                                 "slant")) + " |"
+            for (r, ph, gd), v in sorted(per_run.items())) + "\n\n"
+    for run, v in result.get("held_out_seen", {}).items():
+        text += (f"Training captions of {run} (replayed: its data iterator and word noise over {v['steps']} steps): "
+                 f"{v['distinct_training_sequences']} distinct token sequences; {v['held_out_seen']:.3f} of the held-out "
+                 f"prompts' token sequences (held-out words as `<unk>`) occur among them.\n\n")
+    text += result.get("notes", "") + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -141,8 +185,9 @@ samples with guidance, and the measured thickness and slant agree with the promp
 digits model as the baseline.
 
 **Setup.** Text model(s): {runs} (configs/text_digits.py: pixel 16x16, a 2-layer width-64 CLIP-style text
-transformer trained jointly with the UNet, word tokenizer, 10% caption dropout), EMA parameters of the final
-checkpoint. Baseline: {baseline} (configs/digits.py, class-conditional, 10% label dropout). {prompts} prompts per
+transformer trained jointly with the UNet, word tokenizer, 10% caption dropout; captions: the six fixed training
+phrasings and the caption grammar's, 32 per image, with word noise: 10% of words -> `<unk>`, `<unk>` runs
+inserted at rate 0.15), EMA parameters of the final checkpoint. Baseline: {baseline} (configs/digits.py, class-conditional, 10% label dropout). {prompts} prompts per
 sampling seed: every class x {{thin, thick}} x {{slanted left, slanted right}} in each of the two held-out phrasings
 (`captions.HELD_OUT_TEMPLATES`, in no training caption; their words "an", "image", "of", "written", "in", "ink" are
 unknown to the tokenizer); the baseline gets the same classes as labels. DPM-Solver++(2M), {steps} steps,
@@ -165,10 +210,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="benchmarks/results/text_digits")
     p.add_argument("--from_json", action="store_true", help="only rewrite the .md from the .json (+ its notes)")
+    p.add_argument("--seen", action="store_true", help="also replay each text run's training captions and report "
+                   "the share of held-out prompts whose token sequence it saw (with --from_json: add it to the .json)")
     args = p.parse_args(argv)
     if args.from_json:
         with open(args.out + ".json") as f:
-            write_markdown(json.load(f), args.out + ".md")
+            result = json.load(f)
+        if args.seen:
+            result["held_out_seen"] = {run: held_out_seen_in_training(run, prompt_table()[-1])
+                                       for run in result["args"]["text"]}
+            with open(args.out + ".json", "w") as f:
+                json.dump(result, f, indent=1)
+        write_markdown(result, args.out + ".md")
         return 0
     labels, thick, slant, tmpl, prompts = prompt_table()
     medians = class_medians()
@@ -202,8 +255,10 @@ def main(argv=None):
     result = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.0f}",
               "prompts": len(prompts), "templates": sorted(set(int(k) for k in tmpl)), "args": vars(args),
-              "seconds": time.time() - t0, "cells": cells,
+              "seconds": time.time() - t0, "cells": cells, "notes": "",
               "summary": {k: summarize(v) for k, v in groups.items()}}
+    if args.seen:
+        result["held_out_seen"] = {run: held_out_seen_in_training(run, prompts) for run in args.text}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)

@@ -55,3 +55,35 @@ def test_captioned_digits():
     _, test_labels, test_caps, test_bins = load_captioned_digits("test", 16, templates=HELD_OUT_TEMPLATES)
     assert len(test_caps) == 360 and all(c.startswith(("an image of", "digit ")) for c in test_caps)
     assert np.bincount(test_bins["slant"], minlength=3).min() > 60    # train-fitted bins still split the test set
+
+
+def test_caption_grammar_composes_many_phrasings_in_the_training_vocabulary():
+    from jaxdiff.data.caption_grammar import compose_captions
+    from jaxdiff.data.captions import caption_vocabulary
+    from jaxdiff.data.words import split_words
+    labels = np.arange(10)
+    bins = {"thickness": labels % 3, "slant": (labels + 1) % 3, "width": labels % 2}
+    caps = compose_captions(labels, bins, 40, seed=0)
+    assert caps.shape == (10, 40)
+    np.testing.assert_array_equal(caps, compose_captions(labels, bins, 40, seed=0))
+    assert (caps != compose_captions(labels, bins, 40, seed=1)).any()
+    vocab = set(caption_vocabulary())
+    for i in range(10):
+        assert len(set(caps[i])) > 30                                # many distinct phrasings per image
+        true, other = set(), set()                                     # this image's attribute words, the rest
+        for values, b in ((THICKNESS, bins["thickness"][i]), (SLANT, bins["slant"][i]), (WIDTH, bins["width"][i])):
+            true |= set(split_words(values[b]))
+            other |= {w for j, v in enumerate(values) if j != b for w in split_words(v)}
+        for c in caps[i]:
+            words = split_words(c)
+            assert set(words) <= vocab                                 # every word is known to the tokenizer
+            assert DIGIT_WORDS[i] in words or str(i) in words          # the digit, as a word or numeral
+            assert not set(words) & (other - true)                     # only the image's own attributes
+    flat = [split_words(c) for c in caps.ravel()]
+    numeral = [w for w in flat if any(x.isdigit() for x in w)]
+    assert 0.35 < len(numeral) / len(flat) < 0.65
+    slant_first = [w for w in flat if "slanted" in w and w[-1] in DIGIT_WORDS + tuple("0123456789")
+                   and w.index("slanted") < len(w) - 1]
+    assert slant_first                                                 # "... slanted left seven": digit last
+    assert any(w[0] in ("digit", "number") for w in flat)              # digit phrase first ...
+    assert any(w[0] in ("thin", "regular", "thick") and w[-1] in ("left", "right", "upright") for w in flat)

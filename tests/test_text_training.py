@@ -3,16 +3,17 @@ model trained through train_lib (jointly trained and frozen encoders), resume eq
 prompts, and the errors that name the part."""
 import json
 import os
+import re
 import warnings
 
 import jax
 import numpy as np
 import pytest
 
-from jaxdiff.data.captioned_digits import CAPTION_KEY, captioned_digits_arrays, held_out_prompts
+from jaxdiff.data.captioned_digits import CAPTION_KEY, CAPTIONS_PER_IMAGE, captioned_digits_arrays, held_out_prompts
 from jaxdiff.data.captions import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, caption, caption_vocabulary
 from jaxdiff.data.pipeline import ImageIterator
-from jaxdiff.data.words import TruncationWarning, WordTokenizer
+from jaxdiff.data.words import TruncationWarning, WordTokenizer, split_words
 from jaxdiff.train_lib import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +45,24 @@ def records():
 def test_captioned_digits_hold_every_training_phrasing_and_no_held_out_one(records):
     a, _ = records
     n = len(a["label"])
-    assert a["image"].shape == (n, 16, 16, 1) and a[CAPTION_KEY].shape == (n, len(TRAIN_TEMPLATES))
+    assert a["image"].shape == (n, 16, 16, 1) and a[CAPTION_KEY].shape == (n, CAPTIONS_PER_IMAGE)
     for i in (0, 7, n - 1):
-        assert list(a[CAPTION_KEY][i]) == [caption(a["label"][i], a["thickness"][i], a["slant"][i], a["width"][i], t)
-                                           for t in TRAIN_TEMPLATES]
+        assert list(a[CAPTION_KEY][i, :len(TRAIN_TEMPLATES)]) == [
+            caption(a["label"][i], a["thickness"][i], a["slant"][i], a["width"][i], t) for t in TRAIN_TEMPLATES]
+    training = a[CAPTION_KEY].ravel().tolist()
+    assert len(set(training)) > 20 * n                              # the grammar: many phrasings per image
+    # what is held out is the wording: no training caption is a held-out prompt, and the held-out phrasings' own
+    # words are in no training caption and unknown to the tokenizer
+    every_held_out = [caption(c, t, s, w, h) for h in HELD_OUT_TEMPLATES for c in range(10) for t in range(3)
+                      for s in range(3) for w in range(2)]
+    assert not set(every_held_out) & set(training)
+    held_out_words = {w for h in HELD_OUT_TEMPLATES for w in split_words(re.sub(r"\{[^}]*\}", " ", h))}
+    held_out_words -= {w for t in TRAIN_TEMPLATES for w in split_words(t)}
+    assert held_out_words == {"an", "image", "of", "written", "in", "ink"}
+    assert not held_out_words & set(caption_vocabulary())
+    assert not held_out_words & {w for c in set(training) for w in split_words(c)}
+    tok = WordTokenizer(caption_vocabulary(), 16)
+    assert tok.tokenize(" ".join(sorted(held_out_words))) == [tok.unk_token_id] * 6
     for k, bins in (("thickness", 3), ("slant", 3), ("width", 2)):     # every bin occurs in every class
         assert all(len(np.unique(a[k][a["label"] == c])) == bins for c in range(10))
     held = held_out_prompts(a["label"][:5], a["thickness"][:5], a["slant"][:5], template=1)
@@ -218,3 +233,13 @@ def test_a_clip_bpe_tokenizer_folder_serves_a_trained_encoder_with_its_window(tm
     with pytest.warns(UserWarning, match="truncated"):
         ids = tok(["a thick seven", "a thick seven " * 6])
     assert ids.shape == (2, 8) and tok.vocab_size == n and ids[1, -1] == tok.eos_token_id
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    with pytest.raises(ValueError, match="'text.word_dropout' / 'text.unknown_words' need a word tokenizer"):
+        build_experiment(c, make_mesh())               # word noise is drawn over the word tokenizer's ids
+
+
+@pytest.mark.parametrize("key, value", [("text.word_dropout", 1.0), ("text.unknown_words", -0.1)])
+def test_word_noise_rates_out_of_range_fail(key, value, tmp_path):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        tiny_text_config(str(tmp_path), **{key: value})

@@ -68,15 +68,14 @@ def test_new_rows_start_from_a_word_or_at_random():
 
 # ------------------------------------------------------------------------------------- prior preservation
 def test_prior_weighted_loss_is_instance_mean_plus_weight_times_class_mean():
-    from jaxdiff import losses
-    from jaxdiff.noise import make_process
     from jaxdiff.train_lib.lora_text import prior_weighted
-    loss_fn = losses.make_denoising_loss(make_process("vp_cosine"), target="v")
-    x0 = jnp.asarray(np.random.RandomState(0).randn(6, 4, 4, 1), jnp.float32)
+    x0 = np.random.RandomState(0).randn(6, 4, 4, 1).astype(np.float32)
+    per_example = lambda apply_fn, x, key: jnp.mean((apply_fn(x, None) - x) ** 2, axis=(1, 2, 3))  # noqa: E731
     apply_fn = lambda x, t: 0.3 * x          # noqa: E731
-    per = np.asarray(loss_fn(apply_fn, x0, jax.random.key(1)))
-    weighted = np.asarray(prior_weighted(loss_fn, 0.25)(apply_fn, x0, jax.random.key(1)))
+    per = np.asarray(per_example(apply_fn, x0, None))
+    weighted = np.asarray(prior_weighted(per_example, 0.25)(apply_fn, x0, None))
     np.testing.assert_allclose(weighted.mean(), per[:3].mean() + 0.25 * per[3:].mean(), rtol=1e-6)
+    assert not np.isclose(per.mean(), weighted.mean())
 
 
 def _image_iterator(n=10, batch=4):
@@ -205,7 +204,7 @@ def test_text_lora_experiment_trains_adapters_and_new_rows_only(text_base, text_
     ({"lora.instance_prompt": "a seven"}, r"does not contain the new token\(s\) \['<v1>'\]"),
     ({"lora.instance_prompt": None}, "needs config key 'lora.instance_prompt'"),
     ({"lora.class_prompt": "a <v1>"}, "'lora.class_prompt' = 'a <v1>' contains a new token"),
-    ({"data.image_size": 16}, "'data.image_size' is 16 but the base run"),
+    ({"data.image_size": 16}, "'data.image_size' is 16 but the base .* has 8"),
 ])
 def test_text_lora_errors_come_before_the_base_is_read(text_base, over, match):
     from jaxdiff.train_lib.experiment import build_experiment
@@ -221,12 +220,15 @@ def test_prior_and_token_config_errors_come_first(tmp_path):
                         ({"lora.instance_filter": ("label:7",)}, "'label:7' must read 'feature=integer'")]:
         with pytest.raises(ValueError, match=match):
             config_lib.validate(lora_config(str(tmp_path), "unused", **over))
-    pipe = tmp_path / "pipe"
+    pipe = tmp_path / "pipe"        # a text-to-image folder whose parts are missing: named before any loading
     (pipe / "text_encoder").mkdir(parents=True)
-    (pipe / "model_index.json").write_text("{}")
+    (pipe / "model_index.json").write_text(json.dumps({p: ["x", "y"] for p in ("text_encoder", "tokenizer", "unet",
+                                                                                "vae", "scheduler")}))
     from jaxdiff.train_lib.experiment import build_experiment
-    with pytest.raises(ValueError, match="diffusers text-to-image pipeline, a latent .* not supported"):
+    with pytest.raises(ValueError, match="the 'tokenizer' part is listed in model_index.json but the folder"):
         build_experiment(lora_config(str(pipe), "unused"), None)
+    with pytest.raises(ValueError, match="does not contain the new token"):     # prompts first
+        build_experiment(lora_config(str(pipe), "unused", **{"lora.instance_prompt": "a cat"}), None)
 
 
 def test_text_options_on_a_base_without_text_are_refused(tmp_path):
@@ -277,6 +279,11 @@ def test_text_lora_run_freezes_the_base_resumes_exactly_and_samples_its_token(te
     again = train(lora_config(text_base, captioned_dir), resumed)
     assert again["step"] == 4 and os.stat(copied).st_mtime_ns == stamp
     jax.tree.map(np.testing.assert_array_equal, again["params"], out["params"])
+    # the trained row is exported for diffusers' load_textual_inversion
+    from jaxdiff.convert.textual_inversion import load_textual_inversion
+    token, row = load_textual_inversion(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))
+    assert token == "<v1>"
+    np.testing.assert_array_equal(row, np.asarray(jax.device_get(state.ema_params["new_tokens"]))[0])
     # the run samples with its new token (jaxdiff-sample --workdir --prompt)
     a, b = exp.encode_prompts(state.ema_params, ["a <v1> seven", "a seven"])
     assert np.abs(a - b).max() > 1e-4
@@ -284,3 +291,116 @@ def test_text_lora_run_freezes_the_base_resumes_exactly_and_samples_its_token(te
     assert main(["--workdir", workdir, "--prompt", "a <v1> seven", "--num", "2", "--steps", "2", "--out", dest]) == 0
     images = np.load(os.path.join(dest, "samples.npz"))["images"]
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+@pytest.mark.slow   # builds a CLIP folder base and compiles its text encoder: ~10-20 s on the shared 2-core machine
+def test_a_frozen_clip_folder_base_learns_a_bpe_token(tmp_path):
+    pytest.importorskip("tokenizers")
+    from flax import nnx
+    from test_text_to_image import write_tokenizer_files
+
+    from jaxdiff.convert.clip import save_clip_text_model
+    from jaxdiff.nn.clip_text import CLIPTextConfig, CLIPTextModel
+    from jaxdiff.parallel import make_mesh
+    from jaxdiff.train_lib.experiment import build_experiment
+    from jaxdiff.train_lib.lora_text import _table
+    n = write_tokenizer_files(str(tmp_path / "tokenizer"), max_length=12)
+    enc = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                       max_position_embeddings=12, bos_token_id=n - 2, eos_token_id=n - 1,
+                                       pad_token_id=n - 1), rngs=nnx.Rngs(5))
+    save_clip_text_model(enc, str(tmp_path / "text_encoder"))
+    from test_text_training import tiny_text_config
+    base_config = tiny_text_config(str(tmp_path), **{"text.encoder": str(tmp_path / "text_encoder"),
+                                                     "text.tokenizer": str(tmp_path / "tokenizer"),
+                                                     "train.sample_every": 0, "text.word_dropout": 0.0,
+                                                     "text.unknown_words": 0.0})
+    base, _ = _save_untrained(base_config, str(tmp_path / "base"))
+    exp = build_experiment(lora_config(base, "unused", **{"lora.instance_prompt": "a photo of <v1>",
+                                                          "lora.token_init": ("",), "lora.class_prompt": None,
+                                                          "lora.num_class_images": 0}), make_mesh())
+    assert exp.new_token_ids == (n,) and n in exp.instance_tokens
+    table = np.asarray(_table(jax.device_get(exp.base_params)))
+    np.testing.assert_array_equal(table, np.asarray(enc.embeddings.token_embedding.embedding.get_value()))
+    # the prompt with the new token reads the trained row; a prompt without it does not
+    shift = np.random.RandomState(1).randn(*exp.init_params["new_tokens"].shape).astype(np.float32)  # not constant:
+    moved = {**exp.init_params, "new_tokens": exp.init_params["new_tokens"] + shift}  # LayerNorm removes one
+    a0, b0 = exp.encode_prompts(exp.init_params, ["a photo of <v1>", "a photo of a cat"])
+    a1, b1 = exp.encode_prompts(moved, ["a photo of <v1>", "a photo of a cat"])
+    assert np.abs(a1 - a0).max() > 1e-3
+    np.testing.assert_array_equal(b1, b0)
+    np.testing.assert_allclose(b0, np.asarray(enc.encode(jnp.asarray(exp.tokenize(["a photo of a cat"]))))[0],
+                               atol=1e-6)
+
+
+@pytest.mark.slow   # an autoencoder + latent text base (untrained) and a 2-step LoRA run: ~1-2 min on 2 cores
+def test_a_latent_text_base_trains_on_latents_and_draws_pixel_class_images(tmp_path, captioned_dir):
+    from test_train_autoencoder import ae_config
+
+    from jaxdiff.train_lib.ae_experiment import SCALE_FILE
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.loop import train
+    ae, _ = _save_untrained(ae_config(captioned_dir, 2), str(tmp_path / "ae"))    # f2: 16x16x1 -> 8x8x2
+    with open(os.path.join(ae, SCALE_FILE), "w") as f:
+        json.dump({"scale_factor": 0.5}, f)
+    from test_text_training import tiny_text_config
+    base, _ = _save_untrained(tiny_text_config(captioned_dir, **{
+        "data.image_size": 16, "latent.autoencoder": ae, "latent.size": 8, "latent.channels": 2,
+        "train.sample_every": 0}), str(tmp_path / "base"))
+    workdir = str(tmp_path / "lora")
+    c = lora_config(base, captioned_dir, **{"data.image_size": 16, "train.steps": 2, "lora.num_class_images": 4})
+    out = train(c, workdir)
+    assert out["step"] == 2 and np.isfinite(out["final_loss"]) and set(out["params"]) == {"lora", "new_tokens"}
+    assert np.load(os.path.join(workdir, "class_images", "images.npz"))["images"].shape == (4, 16, 16, 1)
+    exp, state, _ = restore_run(workdir, task="lora")
+    assert exp.model_shape == (8, 8, 2) and exp.autoencoder.scale == 0.5
+    model = exp.sampling_model(state.ema_params)
+    from jaxdiff.sampling import Sampler, SamplerSettings
+    images = Sampler(model, SamplerSettings.resolve(exp.config.sample), exp.mesh)(
+        state.ema_params, None, jax.random.key(0), context=model.encode_prompts(["a <v1> seven"] * 2))
+    assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parity  # a tiny StableDiffusionPipeline saved by diffusers as the base: ~1-3 min on 2 cores
+def test_a_diffusers_text_to_image_folder_as_base(tmp_path):
+    from test_text_to_image import _reference_pipeline
+
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    from jaxdiff.train_lib.experiment import restore_run
+    from jaxdiff.train_lib.lora_text import _table
+    from jaxdiff.train_lib.loop import train
+    torch, _, torch_pipe, folder = _reference_pipeline(str(tmp_path))   # DDIM (eps), 8x8x4 latents of 16x16x3
+    workdir = str(tmp_path / "lora")
+    c = lora_config(folder, None, **{
+        "data.name": "photo_crops/32", "data.image_size": 16, "data.channels": 3, "data.label_key": None,
+        "lora.instance_filter": (), "lora.num_instance_images": 8, "lora.instance_prompt": "a photo of <v1>",
+        "lora.token_init": ("cat",), "lora.class_prompt": "a photo of a cat", "lora.num_class_images": 4,
+        "loss.target": "eps", "train.steps": 2})
+    out = train(c, workdir)
+    assert out["step"] == 2 and set(out["params"]) == {"lora", "new_tokens"}
+    assert np.load(os.path.join(workdir, "class_images", "images.npz"))["images"].shape == (4, 16, 16, 3)
+    exp, state, _ = restore_run(workdir, task="lora")
+    pipe = load_text_to_image(folder)
+    table = np.asarray(pipe.text_encoder.embeddings.token_embedding.embedding.get_value())
+    np.testing.assert_array_equal(np.asarray(_table(jax.device_get(exp.base_params))), table)
+    assert exp.new_token_ids == (table.shape[0],) and exp.model_shape == (8, 8, 4)
+    # the frozen UNet is bitwise the folder's
+    from flax import nnx
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(exp.base_params)["unet"],
+                 nnx.to_pure_dict(nnx.state(pipe.unet, nnx.Param)))
+    # diffusers reads the run's exports (load_lora_weights, load_textual_inversion) and computes what jaxdiff does
+    torch_pipe.load_lora_weights(os.path.join(workdir, "lora"))
+    torch_pipe.load_textual_inversion(os.path.join(workdir, "textual_inversion", "learned_embeds_0.safetensors"))
+    prompt = ["a photo of <v1>"]
+    ids = torch_pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    assert ids == exp.tokenize(prompt).tolist()
+    x = np.random.RandomState(0).randn(1, 8, 8, 4).astype(np.float32)
+    with torch.no_grad():
+        ctx_t = torch_pipe.text_encoder(torch.tensor(ids))[0]
+        eps_t = torch_pipe.unet(torch.tensor(x).permute(0, 3, 1, 2), 500, encoder_hidden_states=ctx_t).sample
+    ctx = exp.encode_prompts(state.ema_params, prompt)
+    np.testing.assert_allclose(ctx, ctx_t.numpy(), atol=1e-4)
+    eps = np.asarray(exp.network(state.ema_params).unet(jnp.asarray(x), jnp.array([500.0]), jnp.asarray(ctx)))
+    np.testing.assert_allclose(eps, eps_t.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+    base_eps = np.asarray(pipe.unet(jnp.asarray(x), jnp.array([500.0]), jnp.asarray(ctx)))
+    assert np.abs(eps - base_eps).max() > 1e-5          # the adapters changed the UNet

@@ -136,8 +136,11 @@ __all__ = ["AttributeBins", "DIGIT_WORDS", "HELD_OUT_TEMPLATES", "SLANT", "THICK
 
 
 def caption_vocabulary(templates: tuple = TRAIN_TEMPLATES) -> list[str]:
-    """Every word a caption of ``templates`` can hold (the word-level tokenizer's vocabulary; words of other
-    phrasings, such as the held-out ones, are unknown to it)."""
+    """Every word a training caption can hold: those of ``templates`` and of the caption grammar
+    (:mod:`jaxdiff.data.caption_grammar`); the word-level tokenizer's vocabulary. Words of other phrasings, such
+    as the held-out ones, are unknown to it."""
+    from jaxdiff.data.caption_grammar import GRAMMAR_WORDS
     from jaxdiff.data.words import grammar_vocabulary
-    return grammar_vocabulary(templates, {"digit": DIGIT_WORDS, "number": range(10), "thickness": THICKNESS,
-                                          "slant": SLANT, "width": WIDTH})
+    return grammar_vocabulary(tuple(templates) + GRAMMAR_WORDS,
+                              {"digit": DIGIT_WORDS, "number": range(10), "thickness": THICKNESS, "slant": SLANT,
+                               "width": WIDTH})

@@ -99,6 +99,8 @@ def default_config() -> ConfigDict:
         activation="quick_gelu",
         clip_skip=0,             # condition on the output of layer L - clip_skip (through the final LayerNorm)
         caption_dropout=0.1,     # share of captions replaced by the empty caption (classifier-free guidance)
+        word_dropout=0.0,        # word tokenizers: share of caption words replaced by the unknown word, and
+        unknown_words=0.0,       # rate of unknown words inserted between them (train_lib/word_noise.py)
         sample_prompts=(),       # prompts of the training sample grids (cycled); () = the empty prompt
     ))
     c.lora = ConfigDict(dict(            # task="lora" only (train_lib/lora_experiment.py)
@@ -295,6 +297,8 @@ def check_values(c: ConfigDict) -> None:
     _check_range("train.ema_decay", c.train.ema_decay, 0, 1)
     _check_range("model.dropout", c.model.dropout, 0, 1, high_open=True)
     _check_range("text.caption_dropout", c.text.caption_dropout, 0, 1, high_open=True)
+    _check_range("text.word_dropout", c.text.word_dropout, 0, 1, high_open=True)
+    _check_range("text.unknown_words", c.text.unknown_words, 0, 1)
     if c.train.batch_size % c.train.grad_accum:
         raise ValueError(f"config key 'train.batch_size' ({c.train.batch_size}) must divide by "
                          f"'train.grad_accum' ({c.train.grad_accum})")

@@ -6,9 +6,10 @@ trees, so checkpoints and optimizer memory scale with the adapters, and the base
 mesh beside the state, never in it) cannot change. The network architecture, noise process and prediction
 target come from the base; the run's ``model`` section is replaced by the base's.
 
-A jaxdiff text-conditioned base (a ``text.encoder`` run) is handed to :mod:`jaxdiff.train_lib.lora_text`: an
-instance prompt, new tokens and DreamBooth prior preservation (``lora.instance_prompt``, ``lora.new_tokens``,
-``lora.class_prompt``), which a base without text conditioning refuses.
+A text-conditioned base (a jaxdiff ``text.encoder`` run, or a diffusers text-to-image folder) is handed to
+:mod:`jaxdiff.train_lib.lora_text`: an instance prompt, new tokens and DreamBooth prior preservation
+(``lora.instance_prompt``, ``lora.new_tokens``, ``lora.class_prompt``), which a base without text conditioning
+refuses.
 """
 from __future__ import annotations
 
@@ -54,10 +55,6 @@ def _check_base_folder(config) -> str:
                          "workdir or a diffusers folder (UNet or pipeline)")
     if not os.path.isdir(base):
         raise ValueError(f"config key 'lora.base' = {base!r} is not a folder")
-    if os.path.isfile(os.path.join(base, "model_index.json")) and os.path.isdir(os.path.join(base, "text_encoder")):
-        raise ValueError(f"config key 'lora.base' = {base!r} is a diffusers text-to-image pipeline, a latent (VAE) "
-                         "model: task='lora' fine-tunes text-conditioned pixel bases only (a jaxdiff text run, "
-                         "configs/text_digits.py); latent text-to-image bases are not supported yet")
     return base
 
 
@@ -140,7 +137,12 @@ def build_lora_experiment(config, mesh: Mesh) -> DiffusionExperiment:
     frozen base ``config.lora.base``; ``memory`` holds the parameter and optimizer-state sizes in bytes."""
     spec = lora_spec(config)
     restored = None
-    if not _is_diffusers(_check_base_folder(config)):
+    from jaxdiff.convert.text_to_image import is_text_to_image_folder
+    if is_text_to_image_folder(_check_base_folder(config)):
+        from jaxdiff.train_lib.lora_text import build_text_lora_experiment, diffusers_text_base
+        base_exp, base_params = diffusers_text_base(config)
+        return build_text_lora_experiment(config, mesh, spec, base_exp, base_params)
+    if not _is_diffusers(config.lora.base):
         base_config = base_run_config(config)
         if base_config.text.encoder is not None:
             from jaxdiff.train_lib.lora_text import build_text_lora_experiment, check_text_lora_config

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of a text-conditioned base (``task="lora"`` on a jaxdiff text run): adapters on the base's
+"""LoRA fine-tuning of a text-conditioned base (``task="lora"`` on a jaxdiff text run, pixel or latent: the latter
+trains on its frozen autoencoder's latents and its class images are decoded pixels): adapters on the base's
 UNet, optional new tokens (textual-inversion rows of the text encoder's token table), the instance prompt as the
 caption of every fine-tuning image, and DreamBooth's prior preservation.
 
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,8 @@ class TextLoRAExperiment(TextDiffusionExperiment):
     instance_tokens: np.ndarray | None = None   # (S,)
     class_tokens: np.ndarray | None = None      # (S,) with prior preservation, else None
     class_images: np.ndarray | None = None      # (N, H, W, C) once the data iterator is made
+    network: Callable | None = None             # params -> the TextConditionedUNet (adapters, grown table)
+    diffusers_base: bool = False                # the base is a diffusers folder: the adapters are exported too
 
     @property
     def prior(self) -> bool:
@@ -99,6 +103,7 @@ class TextLoRAExperiment(TextDiffusionExperiment):
                                label_dropout=c.text.caption_dropout, null_class=self.null_tokens,
                                ema_decay=c.train.ema_decay, conditional=True)
         instance, klass = jnp.asarray(self.instance_tokens), self.class_tokens
+        encode = self.autoencoder.encode if self.autoencoder is not None else None
 
         def lora_step(state, batch):
             images = batch["image"]
@@ -107,8 +112,26 @@ class TextLoRAExperiment(TextDiffusionExperiment):
                 # the step's micro-batch i takes rows i, i + A, ...: with B % A == 0 each holds B/A rows of each half
                 images = jnp.concatenate([images, batch["class_image"]])
                 tokens = jnp.concatenate([tokens, jnp.broadcast_to(jnp.asarray(klass), tokens.shape)])
+            if encode is not None:      # a latent base: its frozen autoencoder's latents, as the base trained on
+                images = jax.lax.stop_gradient(encode(images))
             return step(state, {"image": images, "label": tokens})
         return lora_step
+
+    def finish(self, state, data_iter, workdir: str, step: int) -> dict:
+        """Export each new token's trained (EMA) row as a diffusers textual-inversion file,
+        ``<workdir>/textual_inversion/learned_embeds_<i>.safetensors`` (``load_textual_inversion`` reads it), and,
+        on a diffusers base, the (EMA) adapters as ``<workdir>/lora/pytorch_lora_weights.safetensors``
+        (``load_lora_weights`` reads it)."""
+        if self.diffusers_base and jax.process_index() == 0:
+            from jaxdiff.convert.lora import save_lora_diffusers
+            save_lora_diffusers(self.network(state.ema_params).unet, os.path.join(workdir, "lora"))
+        if self.new_token_ids and jax.process_index() == 0:
+            from jaxdiff.convert.textual_inversion import save_textual_inversion
+            rows = np.asarray(jax.device_get(state.ema_params["new_tokens"]), np.float32)
+            for i, token in enumerate(self.config.lora.new_tokens):
+                save_textual_inversion(os.path.join(workdir, "textual_inversion", f"learned_embeds_{i}.safetensors"),
+                                       token, rows[i])
+        return {}
 
     def draw_class_images(self) -> np.ndarray:
         """``(lora.num_class_images, H, W, C)``: the frozen base's samples of ``lora.class_prompt`` (the adapters
@@ -143,18 +166,9 @@ class TextLoRAExperiment(TextDiffusionExperiment):
         return lora_data.PriorBatches(it, self.class_images, seed)
 
 
-def check_text_lora_config(config, base_config) -> None:
-    """ValueError, before anything is read or built, for a run that does not fit its text base (``base_config``:
-    the base run's stored config): a latent base, other image sizes, a missing instance prompt, an instance
-    prompt without the new tokens or a class prompt with one."""
-    lo, base = config.lora, config.lora.base
-    if base_config.latent.autoencoder:
-        raise ValueError(f"the base {base!r} is a latent text-conditioned run; task='lora' fine-tunes pixel "
-                         "text-conditioned bases only (latent bases are not supported yet)")
-    for key in ("image_size", "channels"):
-        if config.data[key] != base_config.data[key]:
-            raise ValueError(f"config key 'data.{key}' is {config.data[key]!r} but the base run {base!r} has "
-                             f"{base_config.data[key]!r}")
+def check_prompts(config) -> None:
+    """ValueError for a missing instance prompt, one without the new tokens, or a class prompt with one."""
+    lo = config.lora
     new_tokens = tuple(lo.new_tokens)
     if not lo.instance_prompt:
         raise ValueError("a text-conditioned base needs config key 'lora.instance_prompt' (the caption of every "
@@ -166,6 +180,51 @@ def check_text_lora_config(config, base_config) -> None:
     if lo.class_prompt and any(t in lo.class_prompt for t in new_tokens):
         raise ValueError(f"config key 'lora.class_prompt' = {lo.class_prompt!r} contains a new token; the class "
                          "prompt describes the class the frozen base already knows")
+
+
+def check_text_lora_config(config, base_config) -> None:
+    """ValueError, before anything is read or built, for a run that does not fit its text base (``base_config``:
+    the base run's stored config): other image sizes or channels, or prompts :func:`check_prompts` refuses."""
+    for key in ("image_size", "channels"):
+        if config.data[key] != base_config.data[key]:
+            raise ValueError(f"config key 'data.{key}' is {config.data[key]!r} but the base {config.lora.base!r} "
+                             f"has {base_config.data[key]!r}")
+    check_prompts(config)
+
+
+def diffusers_text_base(config):
+    """``(base, params)`` of a diffusers text-to-image folder ``config.lora.base`` (``StableDiffusionPipeline``
+    layout: tokenizer, CLIP text encoder, UNet, VAE, scheduler) in the form :func:`build_text_lora_experiment` takes
+    a jaxdiff text run: ``base`` has the run's ``config`` with the folder's sizes, parts and prediction filled in, the
+    network's ``apply.graphdef`` / ``apply.rest``, ``tokenizer``, ``process``, ``unet``, ``context_shape`` and the
+    VAE as the frozen ``autoencoder``; ``params`` the network's parameters (UNet and text encoder)."""
+    from types import SimpleNamespace
+
+    from jaxdiff.convert.text_to_image import load_text_to_image
+    from jaxdiff.nn.text_unet import TextConditionedUNet
+    from jaxdiff.train_lib.latent import load_diffusers_autoencoder
+    folder = config.lora.base
+    check_prompts(config)
+    pipe = load_text_to_image(folder)
+    bc = config.copy_and_resolve_references()
+    with bc.unlocked():
+        bc.data.image_size = pipe.sample_size * pipe.vae.config.downsample_factor
+        bc.data.channels = pipe.vae.config.in_channels
+        bc.latent.autoencoder, bc.latent.size = os.path.join(folder, "vae"), pipe.sample_size
+        bc.latent.channels = pipe.unet.config.in_channels
+        bc.text.encoder, bc.text.tokenizer = os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer")
+        bc.text.max_length, bc.text.clip_skip = pipe.tokenizer.model_max_length, 0
+    check_text_lora_config(config, bc)
+    if config.loss.target != pipe.prediction:
+        raise ValueError(f"config key 'loss.target' is {config.loss.target!r} but the scheduler of {folder!r} "
+                         f"predicts {pipe.prediction!r}")
+    graphdef, params, rest = nnx.split(TextConditionedUNet(pipe.unet, pipe.text_encoder), nnx.Param, ...)
+    base = SimpleNamespace(config=bc, apply=SimpleNamespace(graphdef=graphdef, rest=rest), tokenizer=pipe.tokenizer,
+                           diffusers=True,
+                           process=pipe.process, unet=pipe.unet.config, autoencoder=load_diffusers_autoencoder(
+                               bc.latent.autoencoder, bc.data.image_size),
+                           context_shape=(pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size))
+    return base, nnx.to_pure_dict(params)
 
 
 def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusionExperiment,
@@ -183,6 +242,7 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
                     p for p in (config.lora.instance_prompt, config.lora.class_prompt) if p)}
         config.text = bc.text
         config.text.update(keep)
+        config.latent = bc.latent
 
     # the base network with its weights, grown by the new rows, with adapters on its UNet
     model = nnx.merge(base_exp.apply.graphdef, nnx.State(base_params), base_exp.apply.rest)
@@ -216,9 +276,12 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         """The base with these adapters and token rows: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         return full_apply(full_params(p), x, model_time, condition, dropout_key)
 
+    def network(p):
+        """The network (a TextConditionedUNet with these adapters and token rows) as a module."""
+        return nnx.merge(graphdef, nnx.State(full_params(p)), nnx.State(rest_values))
+
     def encode_text(p, tokens):
-        return nnx.merge(graphdef, nnx.State(full_params(p)), nnx.State(rest_values)).encode_text(
-            tokens).astype(jnp.float32)
+        return network(p).encode_text(tokens).astype(jnp.float32)
 
     params = {"lora": nnx.to_pure_dict(adapters)}
     param_sh = {"lora": nnx.to_pure_dict(state_shardings(adapters, mesh))}
@@ -249,9 +312,11 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
         state_shardings=shardings, num_params=sum(int(x.size) for x in jax.tree.leaves(params)),
         sample_settings=SamplerSettings.resolve(config.sample), tokenizer=tokenizer,
         null_tokens=tokenize([""])[0], encode_text=jax.jit(encode_text), context_shape=base_exp.context_shape,
-        base_params=base_values, memory=memory, new_token_ids=tuple(ids),
+        autoencoder=base_exp.autoencoder, base_params=base_values, memory=memory, new_token_ids=tuple(ids),
+        network=network, diffusers_base=bool(getattr(base_exp, "diffusers", False)),
         instance_tokens=tokenize([config.lora.instance_prompt])[0],
         class_tokens=tokenize([config.lora.class_prompt])[0] if prior else None)
 
 
-__all__ = ["TABLE", "TextLoRAExperiment", "build_text_lora_experiment", "check_text_lora_config", "prior_weighted"]
+__all__ = ["TABLE", "TextLoRAExperiment", "build_text_lora_experiment", "check_prompts", "check_text_lora_config",
+           "diffusers_text_base", "prior_weighted"]

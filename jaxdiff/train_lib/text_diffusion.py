@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxdiff.data.words import SPECIAL
 from jaxdiff.nn import UNet
 from jaxdiff.nn.clip_text import CLIPTextConfig, CLIPTextModel
 from jaxdiff.nn.functional import make_apply
@@ -36,10 +37,12 @@ from jaxdiff.train_lib.diffusion import DiffusionExperiment, build_diffusion_exp
 from jaxdiff.train_lib.images import save_grid
 from jaxdiff.train_lib.model import DTYPES, unet_config
 from jaxdiff.train_lib.step import make_train_step
+from jaxdiff.train_lib.word_noise import add_word_noise
 
 log = logging.getLogger("jaxdiff.train")
 TRAINED = "train"
 WORD_TOKENIZERS = ("digits_words",)
+WORD_NOISE_KEY_TAG = 11    # fold_in tag of the word-noise key (the step's other keys are unchanged)
 
 
 class TextConfigError(ValueError):
@@ -103,6 +106,9 @@ def check_text_config(config) -> None:
                               f"or model.mid_attention (got {tuple(m.down_attention)}, {m.mid_attention!r})")
     if t.encoder == TRAINED and t.width % t.heads:
         raise TextConfigError(f"config key 'text.width' ({t.width}) must divide by 'text.heads' ({t.heads})")
+    if (t.word_dropout > 0 or t.unknown_words > 0) and t.tokenizer not in WORD_TOKENIZERS:
+        raise TextConfigError(f"config keys 'text.word_dropout' / 'text.unknown_words' need a word tokenizer "
+                              f"({list(WORD_TOKENIZERS)}), got text.tokenizer={t.tokenizer!r}")
     if config.sample.guidance_scale is not None and t.caption_dropout <= 0:
         raise TextConfigError("config key 'sample.guidance_scale' needs a model trained with caption dropout (the "
                               "empty caption): set text.caption_dropout > 0 or sample.guidance_scale=None")
@@ -144,10 +150,19 @@ class TextDiffusionExperiment(DiffusionExperiment):
                                label_dropout=c.text.caption_dropout, null_class=self.null_tokens,
                                ema_decay=c.train.ema_decay, conditional=True)
         encode = self.autoencoder.encode if self.autoencoder is not None else None
+        t, tok = c.text, self.tokenizer
+        noisy = t.word_dropout > 0 or t.unknown_words > 0
 
         def text_step(state, batch):
             image = batch["image"] if encode is None else jax.lax.stop_gradient(encode(batch["image"]))
-            return step(state, {"image": image, "label": batch["tokens"]})
+            tokens = batch["tokens"]
+            if noisy:
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
+                                         WORD_NOISE_KEY_TAG)
+                tokens = add_word_noise(key, tokens, drop=t.word_dropout, insert=t.unknown_words,
+                                        unk_id=tok.unk_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                        first_word_id=len(SPECIAL))
+            return step(state, {"image": image, "label": tokens})
         return text_step
 
     def encode_prompts(self, params: Any, prompts: Sequence[str] | str) -> np.ndarray:
