@@ -238,8 +238,8 @@ def fit_class(base: UNet, prefix: jax.Array, images: np.ndarray, prior_images: n
     if images.ndim != 4 or images.shape[0] < 1 or prior_images.shape[1:] != images.shape[1:]:
         raise ValueError(f"fit_class: images (k >= 1, H, W, C) and prior images (P, H, W, C) of one shape needed, "
                          f"got {images.shape} and {prior_images.shape}")
-    if prior_images.shape[0] < 1 and settings.prior_weight > 0:
-        raise ValueError("fit_class: prior preservation needs at least one prior image")
+    if prior_images.shape[0] < 1:
+        raise ValueError("fit_class: needs at least one prior image (prior_weight=0 switches the prior loss off)")
     if init_token.shape != prefix.shape or prior_token.shape != prefix.shape:
         raise ValueError(f"fit_class: tokens must be shaped like the prefix {prefix.shape}, got "
                          f"{init_token.shape} and {prior_token.shape}")
