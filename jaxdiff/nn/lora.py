@@ -278,6 +278,15 @@ def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, n
     return nnx.split(model, LORA_PARAMS, nnx.Param, ...)
 
 
+def merge_param_trees(base: dict, adapters: dict) -> dict:
+    """The nested parameter dict ``base`` with the leaves of ``adapters`` (a sparser tree of the same nesting,
+    e.g. the adapter weights of :func:`split_lora`) put in or over it; ``base`` is not modified."""
+    out = dict(base)
+    for k, v in adapters.items():
+        out[k] = merge_param_trees(base[k], v) if isinstance(v, dict) and k in base else v
+    return out
+
+
 def lora_mask(params: dict) -> dict:
     """An optax mask for a pure parameter dict (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``): True on
     adapter leaves (``.../lora/lora_a|lora_b``), False on the base. Same tree structure as ``params``."""

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import losses
 from jaxdiff.nn.functional import make_apply
-from jaxdiff.nn.lora import LoRASpec, add_lora, split_lora
+from jaxdiff.nn.lora import LoRASpec, add_lora, merge_param_trees, split_lora
 from jaxdiff.nn.sharding import state_shardings
 from jaxdiff.sampling import SamplerSettings
 from jaxdiff.train_lib.diffusion import DiffusionExperiment
@@ -125,13 +125,6 @@ def _get(c, dotted):
     return c
 
 
-def _merge_trees(base: dict, adapters: dict) -> dict:
-    out = dict(base)
-    for k, v in adapters.items():
-        out[k] = _merge_trees(base[k], v) if isinstance(v, dict) and k in base else v
-    return out
-
-
 def build_lora_experiment(config, mesh: Mesh) -> DiffusionExperiment:
     """A :class:`DiffusionExperiment` whose trainable parameters are the adapters of ``config.lora`` on the
     frozen base ``config.lora.base``; ``memory`` holds the parameter and optimizer-state sizes in bytes."""
@@ -177,7 +170,7 @@ def build_lora_experiment(config, mesh: Mesh) -> DiffusionExperiment:
 
     def apply(adapter_params, x, model_time, labels=None, dropout_key=None):
         """The base with these adapters: ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        return full_apply(_merge_trees(base_values, adapter_params), x, model_time, labels, dropout_key)
+        return full_apply(merge_param_trees(base_values, adapter_params), x, model_time, labels, dropout_key)
 
     params = nnx.to_pure_dict(adapters)
     optimizer, schedule = make_optimizer(config.optim, int(config.train.steps))

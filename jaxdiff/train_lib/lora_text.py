@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import losses
 from jaxdiff.nn.functional import make_apply
-from jaxdiff.nn.lora import add_lora, split_lora
+from jaxdiff.nn.lora import add_lora, merge_param_trees, split_lora
 from jaxdiff.nn.sharding import batch_sharding, state_shardings
 from jaxdiff.sampling import Sampler, SamplerSettings
 from jaxdiff.train_lib import lora_data
@@ -66,13 +66,6 @@ def _table(params: dict):
     for k in TABLE:
         params = params[k]
     return params
-
-
-def _merge_trees(base: dict, adapters: dict) -> dict:
-    out = dict(base)
-    for k, v in adapters.items():
-        out[k] = _merge_trees(base[k], v) if isinstance(v, dict) and k in base else v
-    return out
 
 
 @dataclasses.dataclass
@@ -267,7 +260,7 @@ def build_text_lora_experiment(config, mesh: Mesh, spec, base_exp: TextDiffusion
     rest_values = nnx.to_pure_dict(rest)
 
     def full_params(p: dict) -> dict:
-        full = _merge_trees(base_values, p["lora"])
+        full = merge_param_trees(base_values, p["lora"])
         if "new_tokens" in p:
             full = _with_table(full, jnp.concatenate([_table(base_values), p["new_tokens"].astype(old_table.dtype)]))
         return full
